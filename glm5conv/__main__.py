@@ -1,0 +1,3 @@
+from glm5conv.cli import run
+
+run()

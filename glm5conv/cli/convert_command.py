@@ -1,0 +1,54 @@
+"""glm5conv convert SRC DST"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from glm5conv.bundled import resolve_source
+from glm5conv.cli import app
+from glm5conv.cli.options import JsonOption, QuietOption, VerboseOption
+from glm5conv.cli.render import stdout_console, render_convert
+from glm5conv.convert import convert, result_json
+from glm5conv.plan import ConvertOptions
+
+EXAMPLES = """Examples:
+
+  glm5conv convert bundled: out/tiny-bf16                          # eh_proj -> bf16 [H, 2H]
+  glm5conv convert /models/GLM-5-MXFP4 /models/GLM-5-MXFP4-mtp --dry-run
+  glm5conv convert SRC DST --to bf16 --scope mtp                   # the whole MTP layer in bf16
+  glm5conv convert SRC DST --to mxfp4 --scope mtp --json           # 4-bit, Quark's layout
+"""
+
+
+@app.command("convert", epilog=EXAMPLES)
+def convert_cmd(
+    src: Annotated[str, typer.Argument(help="Source checkpoint folder (only read), or bundled:NAME.")],
+    dst: Annotated[Path, typer.Argument(help="Output folder (must not exist, be empty, or --force).")],
+    to: Annotated[str, typer.Option("--to", help="bf16: dequantize exactly; mxfp4: keep/repack 4-bit as Quark does.")] = "bf16",
+    scope: Annotated[str, typer.Option("--scope", help="eh-proj: only eh_proj; mtp: every Linear of the MTP layer.")] = "eh-proj",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty DST.")] = False,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy unchanged files instead of hard-linking them.")] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+) -> int:
+    """Rewrite the MTP weights into the form the engines' loaders expect; the source is never modified."""
+
+    def progress(message: str) -> None:
+        if verbose and not json_output:
+            print(f"glm5conv: {message}", file=sys.stderr)
+
+    result = convert(
+        resolve_source(src), dst, ConvertOptions(to=to, scope=scope), force=force, dry_run=dry_run, copy=copy, progress=progress
+    )
+    if json_output:
+        print(json.dumps(result_json(result), indent=2))
+    elif not quiet:
+        render_convert(result, stdout_console())
+    return 0

@@ -1,0 +1,93 @@
+"""``convert`` as a library call: check paths, plan, validate the data, write."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glm5conv.checkpoint import open_checkpoint
+from glm5conv.errors import UsageError
+from glm5conv.plan import ConversionPlan, ConvertOptions, plan_conversion
+from glm5conv.writer import preflight, write_output
+
+
+@dataclass
+class ConvertResult:
+    status: str  # "converted", "noop" or "dry-run"
+    plan: ConversionPlan
+    dst: Path
+    manifest: dict[str, Any] | None = None
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_paths(src: Path, dst: Path, force: bool) -> None:
+    """Refuse output locations that could touch the source or clobber other data."""
+    src_real, dst_real = src.resolve(), dst.resolve()
+    if _inside(dst_real, src_real):
+        raise UsageError(f"{dst}: DST is inside SRC ({src}); choose a folder outside the source")
+    if _inside(src_real, dst_real):
+        raise UsageError(f"{dst}: DST contains SRC ({src}); choose another folder")
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise UsageError(f"{dst}: not empty (use --force to replace it)")
+
+
+def convert(
+    src: Path,
+    dst: Path,
+    options: ConvertOptions,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    copy: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Convert the checkpoint at ``src`` into ``dst``; the source is only read."""
+    src, dst = Path(src), Path(dst)
+    check_paths(src, dst, force)
+    checkpoint = open_checkpoint(src)
+    try:
+        plan = plan_conversion(checkpoint, options)
+        if plan.is_noop:
+            return ConvertResult("noop", plan, dst)
+        if dry_run:
+            return ConvertResult("dry-run", plan, dst)
+        preflight(plan)
+        manifest = write_output(plan, dst, force=force, copy=copy, progress=progress)
+        return ConvertResult("converted", plan, dst, manifest)
+    finally:
+        checkpoint.close()
+
+
+def result_json(result: ConvertResult) -> dict[str, Any]:
+    """The convert report as one JSON-able document (what ``--json`` prints)."""
+    plan = result.plan
+    return {
+        "status": result.status,
+        "source": str(plan.checkpoint.root),
+        "dst": str(result.dst),
+        "mode": {"to": plan.options.to, "scope": plan.options.scope},
+        "mtp_layer": plan.checkpoint.layout.mtp_layer,
+        "changes": [{"module": c.module, "action": c.action, "before": c.before, "after": c.after} for c in plan.changes],
+        "shards_rewritten": plan.rewritten_files,
+        "files_unchanged": len(plan.untouched_files),
+        "bytes_to_read": plan.bytes_to_read,
+        "bytes_to_write": plan.bytes_to_write,
+        "config_diff": {
+            "exclude_added": plan.exclude_added,
+            "exclude_removed": plan.exclude_removed,
+            "exclude_rewritten": [list(p) for p in plan.exclude_rewritten],
+        },
+        "index": None
+        if plan.weight_map is None
+        else {"total_size": plan.total_size(), "convention": plan.total_size_convention, "rewritten": plan.index_changed},
+        "engines_before": [v.to_json() for v in plan.verdicts_before],
+        "engines_after": [v.to_json() for v in plan.verdicts_after],
+        "notes": plan.notes,
+    }
