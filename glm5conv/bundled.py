@@ -28,5 +28,5 @@ def bundled_path(name: str = DEFAULT_BUNDLED) -> Path:
 def resolve_source(source: str) -> Path:
     """A path, or ``bundled:NAME`` (``bundled:`` alone is the default tiny checkpoint)."""
     if source.startswith(BUNDLED_PREFIX):
-        return bundled_path(source[len(BUNDLED_PREFIX):] or DEFAULT_BUNDLED)
+        return bundled_path(source[len(BUNDLED_PREFIX) :] or DEFAULT_BUNDLED)
     return Path(source)

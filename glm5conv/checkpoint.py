@@ -164,7 +164,7 @@ class Checkpoint:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -219,9 +219,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return Checkpoint(root=root, config=config, layout=layout, index=index, weight_map=weight_map, shards=shards)
 
 
-def _check_index_against_shards(
-    index_path: Path, weight_map: dict[str, str], shards: dict[str, ShardHeader]
-) -> None:
+def _check_index_against_shards(index_path: Path, weight_map: dict[str, str], shards: dict[str, ShardHeader]) -> None:
     seen: dict[str, str] = {}
     for shard_name, header in shards.items():
         for tensor in header.tensors:

@@ -44,7 +44,9 @@ _SCALE_TABLE = torch.pow(2.0, torch.arange(256, dtype=torch.float64) - 127).to(t
 def check_shapes(packed_shape: tuple[int, ...], scale_shape: tuple[int, ...], what: str) -> int:
     """Validate a packed weight and its scale; returns in_features."""
     if len(packed_shape) != 2 or len(scale_shape) != 2:
-        raise BadInputError(f"{what}: MXFP4 weight and scale must be 2-D, found {list(packed_shape)} and {list(scale_shape)}")
+        raise BadInputError(
+            f"{what}: MXFP4 weight and scale must be 2-D, found {list(packed_shape)} and {list(scale_shape)}"
+        )
     rows, half = packed_shape
     in_features = 2 * half
     if in_features % GROUP_SIZE:

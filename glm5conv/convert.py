@@ -74,7 +74,9 @@ def result_json(result: ConvertResult) -> dict[str, Any]:
         "dst": str(result.dst),
         "mode": {"to": plan.options.to, "scope": plan.options.scope},
         "mtp_layer": plan.checkpoint.layout.mtp_layer,
-        "changes": [{"module": c.module, "action": c.action, "before": c.before, "after": c.after} for c in plan.changes],
+        "changes": [
+            {"module": c.module, "action": c.action, "before": c.before, "after": c.after} for c in plan.changes
+        ],
         "shards_rewritten": plan.rewritten_files,
         "files_unchanged": len(plan.untouched_files),
         "bytes_to_read": plan.bytes_to_read,
@@ -86,7 +88,11 @@ def result_json(result: ConvertResult) -> dict[str, Any]:
         },
         "index": None
         if plan.weight_map is None
-        else {"total_size": plan.total_size(), "convention": plan.total_size_convention, "rewritten": plan.index_changed},
+        else {
+            "total_size": plan.total_size(),
+            "convention": plan.total_size_convention,
+            "rewritten": plan.index_changed,
+        },
         "engines_before": [v.to_json() for v in plan.verdicts_before],
         "engines_after": [v.to_json() for v in plan.verdicts_after],
         "notes": plan.notes,

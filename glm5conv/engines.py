@@ -260,13 +260,21 @@ def evaluate(
         stored = ", ".join(f"{w.module} as {w.describe()}" for w in wrong)
         if quantized:
             verdict.problems.append(
-                Problem(unit, f"{profile.label} builds {prefix}{unit} as MXFP4 (no exclude entry matches its draft "
-                        f"name) but the checkpoint stores {stored}", fix_excludes)
+                Problem(
+                    unit,
+                    f"{profile.label} builds {prefix}{unit} as MXFP4 (no exclude entry matches its draft "
+                    f"name) but the checkpoint stores {stored}",
+                    fix_excludes,
+                )
             )
         else:
             verdict.problems.append(
-                Problem(unit, f"{profile.label} builds {prefix}{unit} unquantized ({_float_form(out, inp)}) but the "
-                        f"checkpoint stores {stored}", fix_convert)
+                Problem(
+                    unit,
+                    f"{profile.label} builds {prefix}{unit} unquantized ({_float_form(out, inp)}) but the "
+                    f"checkpoint stores {stored}",
+                    fix_convert,
+                )
             )
 
     handled: set[str] = set()
@@ -280,16 +288,28 @@ def evaluate(
             quantized = not _excluded(("model.eh_proj",), draft_exclude)
             if quantized and stored.kind != MXFP4:
                 verdict.problems.append(
-                    Problem("eh_proj", f"{profile.label} builds model.eh_proj as {_quantized_form(out, inp)} because "
-                            f"'model.eh_proj' is not in exclude; the checkpoint stores {stored.describe()}", fix_excludes)
+                    Problem(
+                        "eh_proj",
+                        f"{profile.label} builds model.eh_proj as {_quantized_form(out, inp)} because "
+                        f"'model.eh_proj' is not in exclude; the checkpoint stores {stored.describe()}",
+                        fix_excludes,
+                    )
                 )
             elif not quantized and stored.kind == MXFP4:
                 verdict.problems.append(
-                    Problem("eh_proj", f"{profile.label} builds model.eh_proj as {_float_form(out, inp)} because "
-                            f"'model.eh_proj' is excluded; the checkpoint stores {stored.describe()}", fix_convert)
+                    Problem(
+                        "eh_proj",
+                        f"{profile.label} builds model.eh_proj as {_float_form(out, inp)} because "
+                        f"'model.eh_proj' is excluded; the checkpoint stores {stored.describe()}",
+                        fix_convert,
+                    )
                 )
         elif stored.kind == MXFP4:
-            missing = "" if profile.skips_unknown_tensors else f"; and it has no parameter for {layer}eh_proj.weight_scale (KeyError)"
+            missing = (
+                ""
+                if profile.skips_unknown_tensors
+                else f"; and it has no parameter for {layer}eh_proj.weight_scale (KeyError)"
+            )
             verdict.problems.append(
                 Problem(
                     "eh_proj",
@@ -326,8 +346,12 @@ def evaluate(
                 built = "MXFP4" if experts_quantized else "bf16"
                 fix = fix_excludes if experts_quantized else fix_convert
                 verdict.problems.append(
-                    Problem("mlp.experts", f"{profile.label} builds {moe_name} as {built} but the checkpoint stores the "
-                            f"routed experts as {stored.describe()}", fix)
+                    Problem(
+                        "mlp.experts",
+                        f"{profile.label} builds {moe_name} as {built} but the checkpoint stores the "
+                        f"routed experts as {stored.describe()}",
+                        fix,
+                    )
                 )
 
     # Shared experts fused into the routed-expert tensor as an extra slot.
@@ -348,9 +372,12 @@ def evaluate(
             # With the flag the shared expert is built on its own: checked below like any module.
             built = "MXFP4" if experts_quantized else "bf16"
             verdict.problems.append(
-                Problem("mlp.shared_experts", f"{profile.label} fuses the shared expert into the {built} routed-expert "
-                        f"tensor, but it is stored as {storage[mismatched[0]].describe()}",
-                        needs_flag=DISABLE_FUSION_FLAG)
+                Problem(
+                    "mlp.shared_experts",
+                    f"{profile.label} fuses the shared expert into the {built} routed-expert "
+                    f"tensor, but it is stored as {storage[mismatched[0]].describe()}",
+                    needs_flag=DISABLE_FUSION_FLAG,
+                )
             )
 
     # Fused and plain linears of the decoder.
@@ -366,8 +393,12 @@ def evaluate(
         quantized = built_quantized((prefix + unit,), tuple(prefix + p for p in present))
         if quantized == "mixed":
             verdict.problems.append(
-                Problem(unit, f"{profile.label}: exclude covers only some parts of {prefix}{unit} (Found different "
-                        "quantization schemes)", fix_excludes)
+                Problem(
+                    unit,
+                    f"{profile.label}: exclude covers only some parts of {prefix}{unit} (Found different "
+                    "quantization schemes)",
+                    fix_excludes,
+                )
             )
             continue
         check(unit, present, bool(quantized))

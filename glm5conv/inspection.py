@@ -50,7 +50,13 @@ class InspectReport:
             "quantization": self.quantization,
             "exclude_entries": self.exclude_entries,
             "mtp_tensors": [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "shard": t.shard, "excluded_by": list(t.excluded_by)}
+                {
+                    "name": t.name,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "shard": t.shard,
+                    "excluded_by": list(t.excluded_by),
+                }
                 for t in self.tensors
             ],
             "engines": [v.to_json() for v in self.verdicts],
@@ -88,7 +94,9 @@ def inspect_checkpoint(path: Path) -> InspectReport:
         if not names:
             notes.append(f"no tensors under '{prefix}': the checkpoint does not contain the MTP layer")
         if layout.num_nextn_predict_layers > 1:
-            notes.append(f"num_nextn_predict_layers is {layout.num_nextn_predict_layers}; engines load layer {layout.mtp_layer} only")
+            notes.append(
+                f"num_nextn_predict_layers is {layout.num_nextn_predict_layers}; engines load layer {layout.mtp_layer} only"
+            )
         tensors = []
         for name in names:
             entry = checkpoint.entry(name)

@@ -24,7 +24,7 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def build_manifest(plan: "ConversionPlan", folder: Path, source_hashes: dict[str, str]) -> dict[str, Any]:
+def build_manifest(plan: ConversionPlan, folder: Path, source_hashes: dict[str, str]) -> dict[str, Any]:
     rewritten = set(plan.rewritten_files)
     regenerated = {CONFIG_NAME if plan.config_changed else "", INDEX_NAME if plan.index_changed else ""}
     files: dict[str, Any] = {}

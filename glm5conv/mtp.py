@@ -70,7 +70,9 @@ def validate_storage(checkpoint: Checkpoint, storage: dict[str, ModuleStorage]) 
             if scale.dtype not in ("U8", "F8_E8M0"):
                 raise BadInputError(f"{where}_scale is {scale.dtype}, expected U8 (E8M0 bytes)")
             if (2 * half) % GROUP_SIZE:
-                raise BadInputError(f"{where}: in_features {2 * half} is not a multiple of the MXFP4 group size {GROUP_SIZE}")
+                raise BadInputError(
+                    f"{where}: in_features {2 * half} is not a multiple of the MXFP4 group size {GROUP_SIZE}"
+                )
             if tuple(scale.shape) != (out, 2 * half // GROUP_SIZE):
                 raise BadInputError(
                     f"{where}_scale is {list(scale.shape)}, expected [{out}, {2 * half // GROUP_SIZE}] for weight {list(stored.shape)}"
@@ -80,5 +82,11 @@ def validate_storage(checkpoint: Checkpoint, storage: dict[str, ModuleStorage]) 
         if module == "eh_proj":
             expected = {MXFP4: (hidden, hidden), FLOAT: (hidden, 2 * hidden)}[stored.kind]
             if stored.shape != expected:
-                form = f"U8 {list(expected)} (FP4-packed) + scale" if stored.kind == MXFP4 else f"{stored.dtype} {list(expected)}"
-                raise BadInputError(f"{where} is {stored.dtype} {list(stored.shape)}, expected {form} for hidden_size {hidden}")
+                form = (
+                    f"U8 {list(expected)} (FP4-packed) + scale"
+                    if stored.kind == MXFP4
+                    else f"{stored.dtype} {list(expected)}"
+                )
+                raise BadInputError(
+                    f"{where} is {stored.dtype} {list(stored.shape)}, expected {form} for hidden_size {hidden}"
+                )

@@ -24,8 +24,8 @@ from glm5conv.engines import (
     exclude_names,
     whole_layer_exclude_names,
 )
-from glm5conv.mtp import FLOAT, MXFP4, ROUTED_EXPERT_MARK, ModuleStorage, layer_storage, validate_storage
 from glm5conv.errors import BadInputError, UsageError
+from glm5conv.mtp import FLOAT, MXFP4, ROUTED_EXPERT_MARK, ModuleStorage, layer_storage, validate_storage
 from glm5conv.quark_config import REGEX_PREFIX, QuarkConfig, entry_matches, parse_quark_config
 from glm5conv.shard import TensorSpec, encode_header
 
@@ -180,7 +180,9 @@ def _storage_after(storage: dict[str, ModuleStorage], targets: list[str], to: st
     for module in targets:
         out, inp = storage[module].logical_shape
         if to == "bf16":
-            after[module] = ModuleStorage(module, FLOAT, storage[module].dtype if storage[module].kind == FLOAT else "BF16", (out, inp))
+            after[module] = ModuleStorage(
+                module, FLOAT, storage[module].dtype if storage[module].kind == FLOAT else "BF16", (out, inp)
+            )
         else:
             after[module] = ModuleStorage(module, MXFP4, "U8", (out, inp // 2))
     return after
@@ -214,7 +216,7 @@ def reconcile_exclude(
             kept.append(entry)
         elif entry.startswith(REGEX_PREFIX):
             guard = "|".join(re.escape(n) + "$" for n in hits)
-            new = f"{REGEX_PREFIX}(?!{guard})(?:{entry[len(REGEX_PREFIX):]})"
+            new = f"{REGEX_PREFIX}(?!{guard})(?:{entry[len(REGEX_PREFIX) :]})"
             kept.append(new)
             rewritten.append((entry, new))
         else:
@@ -266,18 +268,31 @@ def _shard_plans(
             changes.append(ModuleChange(prefix + module, "dequantize", stored.describe(), f"BF16 [{out}, {inp}]"))
         elif options.to == "mxfp4" and stored.kind == FLOAT:
             if inp % GROUP_SIZE:
-                raise BadInputError(f"{weight}: in_features {inp} is not a multiple of the MXFP4 group size {GROUP_SIZE}")
+                raise BadInputError(
+                    f"{weight}: in_features {inp} is not a multiple of the MXFP4 group size {GROUP_SIZE}"
+                )
             replace[weight] = [
                 OutTensor(weight, "U8", (out, inp // 2), ("encode-weight", weight)),
                 OutTensor(scale, "U8", (out, inp // GROUP_SIZE), ("encode-scale", weight)),
             ]
-            changes.append(ModuleChange(prefix + module, "quantize", stored.describe(), f"MXFP4 U8 [{out}, {inp // 2}] + weight_scale"))
+            changes.append(
+                ModuleChange(
+                    prefix + module, "quantize", stored.describe(), f"MXFP4 U8 [{out}, {inp // 2}] + weight_scale"
+                )
+            )
         elif options.to == "mxfp4" and stored.kind == MXFP4:
             scale_entry = checkpoint.entry(scale)
             if stored.dtype != "U8" or scale_entry.dtype != "U8":
                 replace[weight] = [OutTensor(weight, "U8", stored.shape, ("copy", weight))]
                 replace[scale] = [OutTensor(scale, "U8", scale_entry.shape, ("copy", scale))]
-                changes.append(ModuleChange(prefix + module, "normalize", f"{stored.dtype} weight, {scale_entry.dtype} scale", "U8 weight, U8 scale"))
+                changes.append(
+                    ModuleChange(
+                        prefix + module,
+                        "normalize",
+                        f"{stored.dtype} weight, {scale_entry.dtype} scale",
+                        "U8 weight, U8 scale",
+                    )
+                )
 
     affected = sorted({checkpoint.shard_of(n) for n in replace} | {checkpoint.shard_of(n) for n in drop})
     plans: list[ShardPlan] = []
@@ -312,7 +327,9 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions) -> Conversi
     validate_storage(checkpoint, storage)
     notes: list[str] = []
     if layout.num_nextn_predict_layers > 1:
-        notes.append(f"num_nextn_predict_layers is {layout.num_nextn_predict_layers}; engines load only layer {layout.mtp_layer}, the one converted")
+        notes.append(
+            f"num_nextn_predict_layers is {layout.num_nextn_predict_layers}; engines load only layer {layout.mtp_layer}, the one converted"
+        )
 
     targets = _targets(options, storage)
     after = _storage_after(storage, targets, options.to)
@@ -331,7 +348,9 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions) -> Conversi
             if name in dropped:
                 continue
             weight_map[name] = planned.get(name, shard_name)
-            for extra in (t.name for s in shards for t in s.tensors if t.source[0] == "encode-scale" and t.source[1] == name):
+            for extra in (
+                t.name for s in shards for t in s.tensors if t.source[0] == "encode-scale" and t.source[1] == name
+            ):
                 weight_map[extra] = planned[extra]
 
     convention = _total_size_convention(checkpoint, notes)
@@ -359,4 +378,3 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions) -> Conversi
         skip.add(INDEX_NAME)
     plan.untouched_files = [f for f in checkpoint_files(checkpoint.root) if f not in skip]
     return plan
-

@@ -128,9 +128,7 @@ def parse_header(path: Path, raw: bytes, header_len: int, file_size: int) -> Sha
     if not isinstance(obj, dict):
         raise BadInputError(f"{path}: header is not a JSON object")
     metadata = obj.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise BadInputError(f"{path}: __metadata__ must map strings to strings")
     entries = [_parse_entry(path, name, spec) for name, spec in obj.items()]
     entries.sort(key=lambda e: (e.begin, e.end))

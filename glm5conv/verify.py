@@ -77,14 +77,22 @@ def verify_checkpoint(path: Path, against: Path | None = None, engines: tuple[st
         report.add("structure", False, str(exc))
         return report
     with checkpoint:
-        report.add("structure", True, f"{len(checkpoint.weight_map)} tensors in {len(checkpoint.shards)} shard(s); index and headers agree")
+        report.add(
+            "structure",
+            True,
+            f"{len(checkpoint.weight_map)} tensors in {len(checkpoint.shards)} shard(s); index and headers agree",
+        )
         _check_total_size(report, checkpoint, manifest)
         _check_mtp(report, checkpoint, manifest, engines)
         if manifest is None:
             report.add("manifest", True, "no glm5conv manifest (not written by glm5conv convert); hashes not checked")
         else:
             problems = manifest_problems(path, manifest)
-            report.add("manifest", not problems, problems[0] if problems else f"{len(manifest['files'])} files match their sha256")
+            report.add(
+                "manifest",
+                not problems,
+                problems[0] if problems else f"{len(manifest['files'])} files match their sha256",
+            )
         if against is not None:
             with open_checkpoint(against) as source:
                 _check_against(report, checkpoint, source)
@@ -104,11 +112,15 @@ def _check_total_size(report: VerifyReport, checkpoint: Checkpoint, manifest: di
     report.add(
         "total_size",
         bool(matched),
-        f"{INDEX_NAME}: total_size {stated} is exact ({matched[0]})" if matched else f"{INDEX_NAME}: total_size is {stated}, expected {expected}",
+        f"{INDEX_NAME}: total_size {stated} is exact ({matched[0]})"
+        if matched
+        else f"{INDEX_NAME}: total_size is {stated}, expected {expected}",
     )
 
 
-def _check_mtp(report: VerifyReport, checkpoint: Checkpoint, manifest: dict[str, Any] | None, engines: tuple[str, ...] | None) -> None:
+def _check_mtp(
+    report: VerifyReport, checkpoint: Checkpoint, manifest: dict[str, Any] | None, engines: tuple[str, ...] | None
+) -> None:
     layout = checkpoint.layout
     prefix = layout.mtp_prefix()
     if not checkpoint.names_with_prefix(prefix):
@@ -167,13 +179,17 @@ def _check_against(report: VerifyReport, dst: Checkpoint, src: Checkpoint) -> No
     expected_names = set(src.weight_map) - converted_names
     missing = sorted(expected_names - set(dst.weight_map))
     extra = sorted(set(dst.weight_map) - expected_names - converted_names)
-    problems += [f"'{n}' is missing from {dst.root}" for n in missing[:1]] + [f"'{n}' is not in the source" for n in extra[:1]]
+    problems += [f"'{n}' is missing from {dst.root}" for n in missing[:1]] + [
+        f"'{n}' is not in the source" for n in extra[:1]
+    ]
     for name in sorted(expected_names & set(dst.weight_map)):
         if _same_file(dst, src, dst.shard_of(name)) and dst.shard_of(name) == src.shard_of(name):
             continue
         compared += 1
         d, s = dst.entry(name), src.entry(name)
-        if (d.dtype, d.shape) != (s.dtype, s.shape) and not (d.shape == s.shape and {d.dtype, s.dtype} <= {"U8", "I8", "F8_E8M0"}):
+        if (d.dtype, d.shape) != (s.dtype, s.shape) and not (
+            d.shape == s.shape and {d.dtype, s.dtype} <= {"U8", "I8", "F8_E8M0"}
+        ):
             problems.append(f"'{name}' is {d.dtype} {list(d.shape)} but {s.dtype} {list(s.shape)} in the source")
             continue
         row_bytes = d.nbytes // d.shape[0] if d.shape and d.shape[0] else d.nbytes
@@ -186,11 +202,15 @@ def _check_against(report: VerifyReport, dst: Checkpoint, src: Checkpoint) -> No
     report.add(
         "against-source",
         not problems,
-        problems[0] if problems else f"{compared} tensors compared with {src.root}: identical ({len(converted)} converted, bit-exact)",
+        problems[0]
+        if problems
+        else f"{compared} tensors compared with {src.root}: identical ({len(converted)} converted, bit-exact)",
     )
 
 
-def _compare_converted(dst: Checkpoint, src: Checkpoint, weight: str, before: ModuleStorage, after: ModuleStorage) -> str:
+def _compare_converted(
+    dst: Checkpoint, src: Checkpoint, weight: str, before: ModuleStorage, after: ModuleStorage
+) -> str:
     """'' when the converted module equals the source under the codec, else the problem."""
     scale = weight + "_scale"
     out = before.shape[0]
@@ -198,7 +218,8 @@ def _compare_converted(dst: Checkpoint, src: Checkpoint, weight: str, before: Mo
     for start, stop in _rows(before.shape, row_bytes * 4):
         if before.kind == MXFP4 and after.kind == FLOAT:
             expected = codec.decode(
-                src.read_tensor(weight, (start, stop)).view(torch.uint8), src.read_tensor(scale, (start, stop)).view(torch.uint8)
+                src.read_tensor(weight, (start, stop)).view(torch.uint8),
+                src.read_tensor(scale, (start, stop)).view(torch.uint8),
             )
             if not codec.bf16_bits_equal(dst.read_tensor(weight, (start, stop)), expected):
                 return f"'{weight}' rows {start}-{stop} differ from the source's dequantized values"

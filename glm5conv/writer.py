@@ -81,7 +81,9 @@ class _ShardWriter:
                 start = self._pos
                 self._write_tensor(fd, tensor)
                 if self._pos - start != tensor.nbytes:
-                    raise OutputError(f"{self.path}: wrote {self._pos - start} bytes for {tensor.name}, planned {tensor.nbytes}")
+                    raise OutputError(
+                        f"{self.path}: wrote {self._pos - start} bytes for {tensor.name}, planned {tensor.nbytes}"
+                    )
             os.fsync(fd)
         finally:
             os.close(fd)

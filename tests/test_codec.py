@@ -19,7 +19,9 @@ SPEC = quark_config.OCP_MXFP4Spec(ch_axis=-1, is_dynamic=False).to_quantization_
 
 def quark_dequantize(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Quark's import path: the real-quantized weight quantizer of a QParamsLinear."""
-    quantizer = StaticScaledRealQuantizer(SPEC, None, False, True, torch.bfloat16, torch.device("cpu"), scale_shape=scale.shape)
+    quantizer = StaticScaledRealQuantizer(
+        SPEC, None, False, True, torch.bfloat16, torch.device("cpu"), scale_shape=scale.shape
+    )
     quantizer.scale = scale
     return quantizer(packed)
 
@@ -28,12 +30,19 @@ def quark_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quark's file-to-file writer, the one that most likely wrote amd/GLM-5-MXFP4."""
     out: dict[str, torch.Tensor] = {}
     _single_stage_quantize_weight(
-        tensor=weight, tensor_name="m.weight", layer_name="m", weight_config=SPEC, quantized_tensors=out, safetensor_filename="f"
+        tensor=weight,
+        tensor_name="m.weight",
+        layer_name="m",
+        weight_config=SPEC,
+        quantized_tensors=out,
+        safetensor_filename="f",
     )
     return out["m.weight"], out["m.weight_scale"]
 
 
-def random_fp4(rows: int, cols: int, seed: int, scale_range: tuple[int, int] = (1, 253)) -> tuple[torch.Tensor, torch.Tensor]:
+def random_fp4(
+    rows: int, cols: int, seed: int, scale_range: tuple[int, int] = (1, 253)
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     packed = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=g)
     scale = torch.randint(*scale_range, (rows, cols // 32), dtype=torch.uint8, generator=g)
@@ -82,7 +91,9 @@ def test_encode_equals_quark_quantizer(magnitude: int) -> None:
 
 
 def test_encode_ties_zeros_and_extremes_equal_quark() -> None:
-    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 0.0, -0.0, -0.25, -0.75, -5.0, 1e-30, -1e-30] * 2)
+    ties = torch.tensor(
+        [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 0.0, -0.0, -0.25, -0.75, -5.0, 1e-30, -1e-30] * 2
+    )
     weight = torch.zeros(6, 32)
     weight[:4] = ties
     weight[1] *= 2.0**-10

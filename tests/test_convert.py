@@ -35,7 +35,14 @@ def test_convert_then_verify_against_source(tmp_path: Path, bundled: Path, to: s
     assert result.status == "converted"
     report = verify_checkpoint(dst, against=bundled)
     assert report.ok, [c for c in report.checks if not c.ok]
-    assert {c.name for c in report.checks} >= {"structure", "total_size", "mtp-shapes", "engines", "manifest", "against-source"}
+    assert {c.name for c in report.checks} >= {
+        "structure",
+        "total_size",
+        "mtp-shapes",
+        "engines",
+        "manifest",
+        "against-source",
+    }
     required = set(report.engines)
     assert all(v.status != "fails" for v in report.verdicts if v.engine.key in required)
     out = shards(dst)

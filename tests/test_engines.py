@@ -91,7 +91,9 @@ def test_case_f_loads_on_0523_with_the_fusion_flag() -> None:
     fp4, exclude = CASES["f"]
     verdict = evaluate(engine("sglang-0.5.23"), GLM, tuple(exclude) + ROUTER, storage(fp4))
     assert verdict.status == "loads-with-flags" and verdict.flags == [DISABLE_FUSION_FLAG]
-    flagged = evaluate(engine("sglang-0.5.23"), GLM, tuple(exclude) + ROUTER, storage(fp4), disable_shared_experts_fusion=True)
+    flagged = evaluate(
+        engine("sglang-0.5.23"), GLM, tuple(exclude) + ROUTER, storage(fp4), disable_shared_experts_fusion=True
+    )
     assert flagged.status == "loads"
     # on 0.5.11 the flag is not enough: the shared expert's draft names are not excluded either
     assert evaluate(engine("sglang-0.5.11"), GLM, tuple(exclude) + ROUTER, storage(fp4)).status == "fails"

@@ -31,9 +31,9 @@ def _register() -> None:
     from glm5conv.cli import convert_command, inspect_command, verify_command  # noqa: F401
 
 
-def _report_error(message: str, code: int) -> int:
+def _report_error(message: str, code: int, args: list[str]) -> int:
     print(f"glm5conv: error: {message}", file=sys.stderr)
-    if "--json" in sys.argv[1:]:
+    if "--json" in args:
         print(json.dumps({"ok": False, "error": message, "exit_code": code}))
     return code
 
@@ -41,26 +41,31 @@ def _report_error(message: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the process exit code."""
     _register()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=args, standalone_mode=False)
         return result if isinstance(result, int) else 0
     except Glm5convError as exc:
         if os.environ.get("GLM5CONV_DEBUG"):
             raise
-        return _report_error(str(exc), exc.exit_code)
+        return _report_error(str(exc), exc.exit_code, args)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
-        return _report_error("interrupted", 130)
+        return _report_error("interrupted", 130, args)
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
     except KeyboardInterrupt:
-        return _report_error("interrupted", 130)
+        return _report_error("interrupted", 130, args)
     except Exception as exc:  # a bug: say so in one line, keep the traceback for GLM5CONV_DEBUG
         if os.environ.get("GLM5CONV_DEBUG"):
             raise
-        return _report_error(f"internal error: {exc.__class__.__name__}: {exc} (set GLM5CONV_DEBUG=1 for a traceback)", EXIT_INTERNAL)
+        return _report_error(
+            f"internal error: {exc.__class__.__name__}: {exc} (set GLM5CONV_DEBUG=1 for a traceback)",
+            EXIT_INTERNAL,
+            args,
+        )
 
 
 def run() -> None:

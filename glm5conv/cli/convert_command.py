@@ -12,7 +12,7 @@ import typer
 from glm5conv.bundled import resolve_source
 from glm5conv.cli import app
 from glm5conv.cli.options import JsonOption, QuietOption, VerboseOption
-from glm5conv.cli.render import stdout_console, render_convert
+from glm5conv.cli.render import render_convert, stdout_console
 from glm5conv.convert import convert, result_json
 from glm5conv.plan import ConvertOptions
 
@@ -29,8 +29,12 @@ EXAMPLES = """Examples:
 def convert_cmd(
     src: Annotated[str, typer.Argument(help="Source checkpoint folder (only read), or bundled:NAME.")],
     dst: Annotated[Path, typer.Argument(help="Output folder (must not exist, be empty, or --force).")],
-    to: Annotated[str, typer.Option("--to", help="bf16: dequantize exactly; mxfp4: keep/repack 4-bit as Quark does.")] = "bf16",
-    scope: Annotated[str, typer.Option("--scope", help="eh-proj: only eh_proj; mtp: every Linear of the MTP layer.")] = "eh-proj",
+    to: Annotated[
+        str, typer.Option("--to", help="bf16: dequantize exactly; mxfp4: keep/repack 4-bit as Quark does.")
+    ] = "bf16",
+    scope: Annotated[
+        str, typer.Option("--scope", help="eh-proj: only eh_proj; mtp: every Linear of the MTP layer.")
+    ] = "eh-proj",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty DST.")] = False,
     copy: Annotated[bool, typer.Option("--copy", help="Copy unchanged files instead of hard-linking them.")] = False,
@@ -45,7 +49,13 @@ def convert_cmd(
             print(f"glm5conv: {message}", file=sys.stderr)
 
     result = convert(
-        resolve_source(src), dst, ConvertOptions(to=to, scope=scope), force=force, dry_run=dry_run, copy=copy, progress=progress
+        resolve_source(src),
+        dst,
+        ConvertOptions(to=to, scope=scope),
+        force=force,
+        dry_run=dry_run,
+        copy=copy,
+        progress=progress,
     )
     if json_output:
         print(json.dumps(result_json(result), indent=2))

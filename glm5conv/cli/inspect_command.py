@@ -10,7 +10,7 @@ import typer
 from glm5conv.bundled import resolve_source
 from glm5conv.cli import app
 from glm5conv.cli.options import JsonOption
-from glm5conv.cli.render import stdout_console, render_inspect
+from glm5conv.cli.render import render_inspect, stdout_console
 from glm5conv.inspection import inspect_checkpoint
 
 EXAMPLES = """Examples:

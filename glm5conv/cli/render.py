@@ -21,7 +21,7 @@ def stdout_console() -> Console:
     """Rich on a terminal; plain, wide lines when piped (so logs and CI output stay greppable)."""
     import sys
 
-    return Console(soft_wrap=False) if sys.stdout.isatty() else Console(width=160, no_color=True, highlight=False)
+    return Console() if sys.stdout.isatty() else Console(width=160, soft_wrap=True, no_color=True, highlight=False)
 
 
 def _size(n: int) -> str:
@@ -82,7 +82,9 @@ def render_inspect(report: InspectReport, console: Console) -> None:
         label = name.removeprefix(prefix) + ("" if len(members) == 1 else f" (x{len(members)})")
         shards = ", ".join(sorted({m.shard for m in members}))
         entries = sorted({e for m in members for e in m.excluded_by})
-        covered = ", ".join(e.replace(prefix, "~.") for e in entries) if len(entries) <= 2 else f"{len(entries)} entries"
+        covered = (
+            ", ".join(e.replace(prefix, "~.") for e in entries) if len(entries) <= 2 else f"{len(entries)} entries"
+        )
         table.add_row(label, first.dtype, str(list(first.shape)), shards, covered or "-")
     console.print(table)
     console.print(f"  (~. = {prefix})")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,7 +10,7 @@ import typer
 from glm5conv.bundled import resolve_source
 from glm5conv.cli import app
 from glm5conv.cli.options import JsonOption, QuietOption
-from glm5conv.cli.render import stdout_console, render_verify
+from glm5conv.cli.render import render_verify, stdout_console
 from glm5conv.errors import EXIT_OK, EXIT_VERIFY_FAILED
 from glm5conv.verify import verify_checkpoint
 
@@ -27,9 +26,14 @@ Exit status: 0 everything holds, 1 a check failed, 2 bad input or usage.
 @app.command("verify", epilog=EXAMPLES)
 def verify_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint folder to verify, or bundled:NAME.")],
-    against: Annotated[str | None, typer.Option("--against", help="Source checkpoint to compare every tensor with.")] = None,
+    against: Annotated[
+        str | None, typer.Option("--against", help="Source checkpoint to compare every tensor with.")
+    ] = None,
     engine: Annotated[
-        list[str] | None, typer.Option("--engine", help="Engine that must load the MTP layer (repeatable; default: all the conversion targets).")
+        list[str] | None,
+        typer.Option(
+            "--engine", help="Engine that must load the MTP layer (repeatable; default: all the conversion targets)."
+        ),
     ] = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,

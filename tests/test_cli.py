@@ -1,0 +1,50 @@
+"""The CLI is thin: stdout carries the result (one JSON document with --json), stderr the chatter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.helpers import run_cli
+
+
+def test_convert_json_document(tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(["convert", "bundled:", tmp_path / "out", "--json", "--verbose"], capsys)
+    doc = json.loads(out)
+    assert code == 0 and err == ""
+    assert doc["status"] == "converted" and doc["mode"] == {"to": "bf16", "scope": "eh-proj"}
+    assert doc["shards_rewritten"] == ["model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    assert doc["config_diff"]["exclude_added"][:2] == ["model.layers.2.eh_proj", "model.eh_proj"]
+    assert {e["status"] for e in doc["engines_after"]} == {"loads"}
+    assert doc["index"]["convention"] == "file-size"
+
+
+def test_dry_run_and_quiet(tmp_path: Path, capsys) -> None:
+    code, out, _ = run_cli(["convert", "bundled:", tmp_path / "out", "--dry-run"], capsys)
+    assert code == 0 and out.startswith("dry run (nothing written)") and not (tmp_path / "out").exists()
+    assert "+ model.eh_proj" in out
+    code, out, err = run_cli(["convert", "bundled:", tmp_path / "out", "--quiet"], capsys)
+    assert code == 0 and out == "" and err == ""
+
+
+def test_verbose_progress_goes_to_stderr(tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(["convert", "bundled:", tmp_path / "out", "--verbose"], capsys)
+    assert code == 0 and "rewriting model-00002-of-00003.safetensors" in err
+    assert "wrote" in out
+
+
+def test_noop_says_so(tmp_path: Path, capsys) -> None:
+    run_cli(["convert", "bundled:", tmp_path / "out", "-q"], capsys)
+    code, out, _ = run_cli(["convert", tmp_path / "out", tmp_path / "again", "--json"], capsys)
+    assert code == 0 and json.loads(out)["status"] == "noop" and not (tmp_path / "again").exists()
+
+
+def test_help_has_examples(capsys) -> None:
+    for command in ("inspect", "convert", "verify"):
+        code, out, _ = run_cli([command, "--help"], capsys)
+        assert code == 0 and "Examples" in out and f"glm5conv {command}" in out
+
+
+def test_unknown_bundled_name(capsys) -> None:
+    code, _, err = run_cli(["inspect", "bundled:nope"], capsys)
+    assert code == 2 and "bundled:nope: no such bundled checkpoint (bundled: tiny-glm5-mxfp4)" in err
