@@ -48,3 +48,17 @@ def test_help_has_examples(capsys) -> None:
 def test_unknown_bundled_name(capsys) -> None:
     code, _, err = run_cli(["inspect", "bundled:nope"], capsys)
     assert code == 2 and "bundled:nope: no such bundled checkpoint (bundled: tiny-glm5-mxfp4)" in err
+
+
+def test_fusion_flag_is_reported(tmp_path: Path, src: Path, capsys) -> None:
+    """With 256 routed experts (as in the real GLM-5) SGLang fuses the bf16 shared expert: say which flag avoids it."""
+    from tests.helpers import set_config
+
+    set_config(src, n_routed_experts=256)
+    code, out, _ = run_cli(["inspect", src, "--json"], capsys)
+    status = {e["engine"]: (e["status"], e["flags"]) for e in json.loads(out)["engines"]}
+    assert status["sglang-0.5.23"] == ("loads-with-flags", ["--disable-shared-experts-fusion"])
+    code, out, _ = run_cli(["convert", src, tmp_path / "out"], capsys)
+    assert code == 0 and "or pass --disable-shared-experts-fusion to the engine" in out
+    code, out, _ = run_cli(["verify", tmp_path / "out"], capsys)
+    assert code == 0 and "needs --disable-shared-experts-fusion" in out

@@ -291,3 +291,35 @@ def test_decoded_bytes_match_codec_for_every_expert(tmp_path: Path, bundled: Pat
             assert codec.bf16_bits_equal(out[name], codec.decode(tensor, source[name + "_scale"]))
             decoded += 1
     assert decoded == 1 + 8 * 3
+
+
+def test_mxfp4_normalizes_int8_and_e8m0_views(tmp_path: Path, src: Path) -> None:
+    """FP4 stored under other dtype labels (I8 weight, F8_E8M0 scale) comes out as Quark's U8/U8."""
+    from tests.helpers import edit_shard
+
+    weight = load_shard(src / "model-00002-of-00003.safetensors")[0][EH]
+    scale = load_shard(src / "model-00003-of-00003.safetensors")[0][EH + "_scale"]
+    edit_shard(src, "model-00002-of-00003.safetensors", **{"model.layers.2.eh_proj__weight": weight.view(torch.int8)})
+    edit_shard(
+        src, "model-00003-of-00003.safetensors", **{"model.layers.2.eh_proj__weight_scale": scale.view(torch.float8_e8m0fnu)}
+    )
+    dst = tmp_path / "out"
+    result = convert(src, dst, ConvertOptions(to="mxfp4"))
+    assert [c.action for c in result.plan.changes] == ["normalize"]
+    out = shards(dst)
+    assert out[EH].dtype == torch.uint8 and torch.equal(out[EH], weight)
+    assert out[EH + "_scale"].dtype == torch.uint8 and torch.equal(out[EH + "_scale"], scale)
+    bf16 = convert(src, tmp_path / "bf16", ConvertOptions(to="bf16"))
+    assert bf16.status == "converted"
+    assert codec.bf16_bits_equal(shards(tmp_path / "bf16")[EH], codec.decode(weight, scale))
+
+
+def test_deepseek_v3_checkpoint_converts(tmp_path: Path) -> None:
+    from tests.test_inspection import make_deepseek_v3
+
+    ckpt = make_deepseek_v3(tmp_path)
+    dst = tmp_path / "out"
+    result = convert(ckpt, dst, ConvertOptions(scope="mtp"))
+    assert result.plan.changes[0].module == "model.layers.61.eh_proj"
+    assert "model.layers.61" in result.plan.exclude_added and "model.eh_proj" in result.plan.exclude_added
+    assert verify_checkpoint(dst, against=ckpt).ok

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from glm5conv.bundled import bundled_path
 from glm5conv.inspection import inspect_checkpoint
 from tests.helpers import load_shard, run_cli, set_config
 
@@ -39,8 +40,9 @@ def test_bundled(bundled: Path, capsys) -> None:
     assert code == 0 and "Attempted to load weight (torch.Size([64, 64])) into parameter (torch.Size([64, 128]))" in out
 
 
-def test_deepseek_v3_layer_61(tmp_path: Path, bundled: Path) -> None:
+def make_deepseek_v3(tmp_path: Path) -> Path:
     """A DeepseekV3ForCausalLM checkpoint: 61 layers, MTP layer 61 (only that layer is stored here)."""
+    bundled = bundled_path()
     ckpt = tmp_path / "dsv3"
     ckpt.mkdir()
     tensors = {}
@@ -55,6 +57,11 @@ def test_deepseek_v3_layer_61(tmp_path: Path, bundled: Path) -> None:
     ]
     (ckpt / "config.json").write_text(json.dumps(config))
     set_config(ckpt, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", num_hidden_layers=61)
+    return ckpt
+
+
+def test_deepseek_v3_layer_61(tmp_path: Path) -> None:
+    ckpt = make_deepseek_v3(tmp_path)
     report = inspect_checkpoint(ckpt)
     assert report.family == "deepseek_v3" and report.mtp_layer == 61
     assert any(t.name == "model.layers.61.eh_proj.weight" for t in report.tensors)
