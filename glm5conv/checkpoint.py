@@ -196,7 +196,12 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         weight_map_raw = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map_raw, dict) or not weight_map_raw:
             raise BadInputError(f"{index_path}: no weight_map")
-        weight_map = {t: _checked_shard_name(s, t, index_path) for t, s in weight_map_raw.items()}
+        checked: dict[str, str] = {}  # a few hundred shard names for ~10^5 tensors: check each once
+        weight_map = {}
+        for tensor, shard in weight_map_raw.items():
+            if not isinstance(shard, str) or shard not in checked:
+                checked[str(shard)] = _checked_shard_name(shard, tensor, index_path)
+            weight_map[tensor] = checked[shard]
     elif (root / SINGLE_FILE_NAME).exists():
         index = None
         weight_map = {}

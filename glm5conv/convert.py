@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glm5conv.checkpoint import open_checkpoint
+from glm5conv.checkpoint import MANIFEST_NAME, checkpoint_files, open_checkpoint
 from glm5conv.errors import UsageError
 from glm5conv.plan import ConversionPlan, ConvertOptions, plan_conversion
-from glm5conv.writer import preflight, write_output
+from glm5conv.writer import (
+    NoProgress,
+    Progress,
+    WriteOptions,
+    finish_interrupted_commit,
+    partial_dir,
+    preflight,
+    write_output,
+)
 
 
 @dataclass
 class ConvertResult:
-    status: str  # "converted", "noop" or "dry-run"
+    status: str  # "converted", "noop", "dry-run" or "complete" (--resume found DST already finished)
     plan: ConversionPlan
     dst: Path
     manifest: dict[str, Any] | None = None
@@ -38,28 +45,60 @@ def check_paths(src: Path, dst: Path, force: bool) -> None:
         raise UsageError(f"{dst}: not empty (use --force to replace it)")
 
 
+def check_in_place(src: Path) -> None:
+    """In place rewrites SRC itself: refuse where that would write into a shared store."""
+    if not src.is_dir():
+        raise UsageError(f"{src}: no such folder")
+    linked = [name for name in checkpoint_files(src) if (src / name).is_symlink()]
+    if linked:
+        raise UsageError(
+            f"{src / linked[0]}: is a symlink (a Hugging Face cache snapshot?); converting in place would modify "
+            "the files it points to: convert into a new folder instead"
+        )
+
+
 def convert(
     src: Path,
-    dst: Path,
+    dst: Path | None,
     options: ConvertOptions,
     *,
-    force: bool = False,
+    write: WriteOptions | None = None,
     dry_run: bool = False,
-    copy: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> ConvertResult:
-    """Convert the checkpoint at ``src`` into ``dst``; the source is only read."""
-    src, dst = Path(src), Path(dst)
-    check_paths(src, dst, force)
+    """Convert the checkpoint at ``src`` into ``dst`` (or into ``src`` itself with ``write.in_place``).
+
+    Except in place, the source is only read.
+    """
+    src = Path(src)
+    write = write or WriteOptions()
+    progress = progress or NoProgress()
+    if write.in_place:
+        if dst is not None and Path(dst).resolve() != src.resolve():
+            raise UsageError("--in-place rewrites SRC itself: give no DST")
+        dst = src
+        check_in_place(src)
+    elif dst is None:
+        raise UsageError("missing DST (or use --in-place to rewrite SRC itself)")
+    else:
+        dst = Path(dst)
+    if finish_interrupted_commit(dst):
+        progress.say(f"{dst}: finished the clean-up of an interrupted conversion")
+    # --resume after a run that did finish (a kill after its commit, a CI retry): nothing to do
+    complete = write.resume and not partial_dir(dst).exists() and (dst / MANIFEST_NAME).exists()
+    if not (write.in_place or complete):
+        check_paths(src, dst, write.force)
     checkpoint = open_checkpoint(src)
     try:
         plan = plan_conversion(checkpoint, options)
         if plan.is_noop:
             return ConvertResult("noop", plan, dst)
+        if complete and not write.in_place:
+            return ConvertResult("complete", plan, dst)
         if dry_run:
             return ConvertResult("dry-run", plan, dst)
         preflight(plan)
-        manifest = write_output(plan, dst, force=force, copy=copy, progress=progress)
+        manifest = write_output(plan, dst, write, progress)
         return ConvertResult("converted", plan, dst, manifest)
     finally:
         checkpoint.close()

@@ -8,6 +8,8 @@ carries a plan out; the plan is the single source of truth for the output's layo
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,15 +154,29 @@ class ConversionPlan:
         return total
 
     def index(self) -> dict[str, Any] | None:
+        """The new index: the source's, with the new weight_map and total_size (other keys kept)."""
         if self.weight_map is None:
             return None
-        index = copy.deepcopy(self.checkpoint.index) or {}
-        index.setdefault("metadata", {})
-        if not isinstance(index["metadata"], dict):
-            index["metadata"] = {}
-        index["metadata"]["total_size"] = self.total_size()
-        index["weight_map"] = self.weight_map
-        return index
+        source = self.checkpoint.index or {}
+        metadata = source.get("metadata") if isinstance(source.get("metadata"), dict) else {}
+        return {**source, "metadata": {**metadata, "total_size": self.total_size()}, "weight_map": self.weight_map}
+
+    def fingerprint(self) -> str:
+        """Identity of this conversion (tool, options, source files, planned output): resume only into the same."""
+        sources = {}
+        for name in sorted(set(self.checkpoint.shards) | set(self.untouched_files) | {CONFIG_NAME}):
+            stat = (self.checkpoint.root / name).stat()
+            sources[name] = [stat.st_size, stat.st_mtime_ns]
+        identity = {
+            "version": __version__,
+            "mode": self.options.mode,
+            "sources": sources,
+            "shards": {s.name: s.header().hex() for s in self.shards},
+            "untouched": self.untouched_files,
+            "config": self.config,
+            "index": self.index(),
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     @property
     def index_changed(self) -> bool:
@@ -344,14 +360,13 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions) -> Conversi
         weight_map = {}
         planned = {t.name: s.name for s in shards for t in s.tensors}
         dropped = {n for s in shards for n in checkpoint.shards[s.name].tensors} - set(planned)
+        new_scales = {t.source[1]: t.name for s in shards for t in s.tensors if t.source[0] == "encode-scale"}
         for name, shard_name in checkpoint.weight_map.items():
             if name in dropped:
                 continue
             weight_map[name] = planned.get(name, shard_name)
-            for extra in (
-                t.name for s in shards for t in s.tensors if t.source[0] == "encode-scale" and t.source[1] == name
-            ):
-                weight_map[extra] = planned[extra]
+            if name in new_scales:  # a new scale goes right after its weight, as Quark writes it
+                weight_map[new_scales[name]] = planned[new_scales[name]]
 
     convention = _total_size_convention(checkpoint, notes)
     skip = {s.name for s in shards} | {MANIFEST_NAME}

@@ -22,7 +22,7 @@ from glm5conv.errors import BadInputError, UsageError
 from glm5conv.inspection import engine_verdicts
 from glm5conv.manifest import manifest_problems, read_manifest
 from glm5conv.mtp import FLOAT, MXFP4, ModuleStorage, layer_storage, validate_storage
-from glm5conv.writer import PARTIAL_MARKER
+from glm5conv.writer import PHASE_COMMITTING, partial_dir, read_journal
 
 ROW_BLOCK_BYTES = 32 << 20
 
@@ -67,10 +67,12 @@ def verify_checkpoint(path: Path, against: Path | None = None, engines: tuple[st
     if unknown:
         raise UsageError(f"--engine {unknown[0]}: unknown engine (known: {', '.join(ENGINE_KEYS)})")
     report = VerifyReport(path)
-    if (path / PARTIAL_MARKER).exists():
-        report.add("complete", False, f"{path}: an interrupted glm5conv conversion (incomplete)")
+    journal = read_journal(path)
+    if journal is not None and journal.get("phase") != PHASE_COMMITTING:
+        report.add("complete", False, f"{path}: partial output of an interrupted glm5conv conversion (incomplete)")
         return report
     manifest = read_manifest(path) if (path / "config.json").exists() else None
+    report.add("state", True, _state(path, manifest, journal))
     try:
         checkpoint = open_checkpoint(path)
     except BadInputError as exc:
@@ -97,6 +99,21 @@ def verify_checkpoint(path: Path, against: Path | None = None, engines: tuple[st
             with open_checkpoint(against) as source:
                 _check_against(report, checkpoint, source)
     return report
+
+
+def _state(path: Path, manifest: dict[str, Any] | None, journal: dict[str, Any] | None) -> str:
+    """Which state the folder is in, for users of --in-place and of interrupted runs."""
+    if manifest is None:
+        state = "not converted by glm5conv (original state)"
+    else:
+        mode = manifest.get("mode", {})
+        state = f"converted by glm5conv {manifest.get('version')} (to={mode.get('to')} scope={mode.get('scope')})"
+    if journal is not None:
+        state += "; the conversion was committed but its clean-up was interrupted (finish it by running convert again)"
+    pending = read_journal(partial_dir(path))
+    if pending is not None and pending.get("in_place"):
+        state += f"; an in-place conversion was interrupted before its commit: this is the state before it ({partial_dir(path)} holds the partial new one; rerun with --in-place --resume)"
+    return state
 
 
 def _check_total_size(report: VerifyReport, checkpoint: Checkpoint, manifest: dict[str, Any] | None) -> None:

@@ -62,3 +62,46 @@ def test_fusion_flag_is_reported(tmp_path: Path, src: Path, capsys) -> None:
     assert code == 0 and "or pass --disable-shared-experts-fusion to the engine" in out
     code, out, _ = run_cli(["verify", tmp_path / "out"], capsys)
     assert code == 0 and "needs --disable-shared-experts-fusion" in out
+
+
+def test_progress_counts_every_byte_written(tmp_path: Path) -> None:
+    from glm5conv.bundled import bundled_path
+    from glm5conv.convert import convert
+    from glm5conv.plan import ConvertOptions
+    from glm5conv.writer import NoProgress
+
+    class Counting(NoProgress):
+        def __init__(self) -> None:
+            self.total, self.done, self.files = 0, 0, []
+
+        def begin(self, total_bytes: int) -> None:
+            self.total = total_bytes
+
+        def file(self, name: str, nbytes: int) -> None:
+            self.files.append(name)
+
+        def advance(self, nbytes: int) -> None:
+            self.done += nbytes
+
+    progress = Counting()
+    result = convert(bundled_path(), tmp_path / "out", ConvertOptions(scope="mtp"), progress=progress)
+    assert progress.total == progress.done == result.plan.bytes_to_write
+    assert progress.files == result.plan.rewritten_files
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path: Path, monkeypatch, capsys) -> None:
+    import io
+
+    from glm5conv.cli.progress import ConvertProgress
+
+    code, _, err = run_cli(["convert", "bundled:", tmp_path / "out"], capsys)
+    assert code == 0 and err == ""  # not a terminal: no bars, no chatter
+    fake = io.StringIO()
+    fake.isatty = lambda: True
+    monkeypatch.setattr("sys.stderr", fake)
+    with ConvertProgress(bars=True, verbose=False) as progress:
+        assert progress.bars is not None
+        progress.begin(100)
+        progress.file("model-00002-of-00003.safetensors", 100)
+        progress.advance(100)
+    assert ConvertProgress(bars=False, verbose=False).bars is None  # --json / --quiet

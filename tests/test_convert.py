@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from glm5conv import codec
 from glm5conv.convert import convert
 from glm5conv.plan import ConvertOptions
 from glm5conv.verify import verify_checkpoint
+from glm5conv.writer import WriteOptions
 from tests.helpers import index_of, load_shard, to_single_file, tree_hashes
 
 MODES = [("bf16", "eh-proj"), ("bf16", "mtp"), ("mxfp4", "eh-proj"), ("mxfp4", "mtp")]
@@ -84,7 +87,7 @@ def test_only_changed_shards_are_rewritten_and_the_rest_is_identical(tmp_path: P
 
 
 def test_copy_option_copies_instead_of_linking(tmp_path: Path, src: Path) -> None:
-    convert(src, tmp_path / "out", ConvertOptions(), copy=True)
+    convert(src, tmp_path / "out", ConvertOptions(), write=WriteOptions(copy=True))
     shard = "model-00001-of-00003.safetensors"
     assert not os.path.samefile(tmp_path / "out" / shard, src / shard)
     assert (tmp_path / "out" / shard).read_bytes() == (src / shard).read_bytes()
@@ -108,7 +111,7 @@ def test_idempotent(tmp_path: Path, bundled: Path, to: str, scope: str) -> None:
 
 def test_deterministic_bytes(tmp_path: Path, bundled: Path) -> None:
     for run in ("a", "b"):
-        convert(bundled, tmp_path / run, ConvertOptions(to="bf16", scope="mtp"), copy=True)
+        convert(bundled, tmp_path / run, ConvertOptions(to="bf16", scope="mtp"), write=WriteOptions(copy=True))
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert files_a == files_b
@@ -165,23 +168,69 @@ def test_single_file_checkpoint(tmp_path: Path, src: Path) -> None:
     assert verify_checkpoint(dst, against=src).ok
 
 
-def test_hugging_face_cache_snapshot_is_read_through_links(tmp_path: Path, bundled: Path) -> None:
+def make_hf_snapshot(tmp_path: Path, source: Path) -> tuple[Path, Path]:
+    """A Hugging Face cache layout: blobs/<sha256> and a snapshot of relative symlinks."""
     repo = tmp_path / "hub" / "models--amd--tiny"
     blobs, snapshot = repo / "blobs", repo / "snapshots" / "0123abcd"
     blobs.mkdir(parents=True)
     snapshot.mkdir(parents=True)
-    for path in bundled.iterdir():
-        blob = blobs / f"blob-{path.name}"
-        shutil.copyfile(path, blob)
-        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    for path in source.iterdir():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copyfile(path, blobs / digest)
+        (snapshot / path.name).symlink_to(os.path.relpath(blobs / digest, snapshot))
+    return blobs, snapshot
+
+
+def test_hugging_face_cache_snapshot_is_read_through_links(tmp_path: Path, bundled: Path) -> None:
+    blobs, snapshot = make_hf_snapshot(tmp_path, bundled)
     before = tree_hashes(blobs)
     dst = tmp_path / "out"
-    convert(snapshot, dst, ConvertOptions())
+    convert(snapshot, dst, ConvertOptions(scope="mtp"))
     assert tree_hashes(blobs) == before
     assert all((snapshot / p.name).is_symlink() for p in bundled.iterdir())
     untouched = dst / "model-00001-of-00003.safetensors"
-    assert not untouched.is_symlink() and os.path.samefile(untouched, blobs / "blob-model-00001-of-00003.safetensors")
+    blob = (snapshot / untouched.name).resolve()
+    assert not untouched.is_symlink() and os.path.samefile(untouched, blob)
+    # the blob names are sha256s: the manifest lists them, and the output was hashed while written
+    manifest = json.loads((dst / "glm5conv-manifest.json").read_text())
+    assert manifest["files"][untouched.name]["sha256"] == blob.name
+    for shard in ("model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"):
+        assert manifest["source_shards"][shard] == (snapshot / shard).resolve().name
+        assert manifest["files"][shard]["sha256"] == hashlib.sha256((dst / shard).read_bytes()).hexdigest()
+        assert load_shard(dst / shard)[1]["glm5conv.source_sha256"] == (snapshot / shard).resolve().name
     assert verify_checkpoint(dst, against=snapshot).ok
+
+
+def test_local_dir_download_metadata_gives_hashes(tmp_path: Path, src: Path) -> None:
+    """huggingface_hub's local_dir downloads record each file's etag (sha256 for LFS files)."""
+    meta = src / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True)
+    digests = {}
+    for path in sorted(src.glob("*.safetensors")):
+        digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        (meta / f"{path.name}.metadata").write_text(f"0123abcd\n{digests[path.name]}\n{path.stat().st_mtime + 5}\n")
+    convert(src, tmp_path / "out", ConvertOptions())
+    manifest = json.loads((tmp_path / "out" / "glm5conv-manifest.json").read_text())
+    assert (
+        manifest["files"]["model-00001-of-00003.safetensors"]["sha256"] == digests["model-00001-of-00003.safetensors"]
+    )
+    assert not (tmp_path / "out" / ".cache").exists()  # tool caches are not part of the checkpoint
+    # a file modified after its download is not trusted
+    os.utime(src / "model-00001-of-00003.safetensors", (time.time() + 100, time.time() + 100))
+    convert(src, tmp_path / "again", ConvertOptions())
+    again = json.loads((tmp_path / "again" / "glm5conv-manifest.json").read_text())
+    assert again["files"]["model-00001-of-00003.safetensors"]["sha256"] is None
+
+
+def test_unchanged_shards_are_hashed_on_request(tmp_path: Path, src: Path) -> None:
+    convert(src, tmp_path / "default", ConvertOptions())
+    convert(src, tmp_path / "hashed", ConvertOptions(), write=WriteOptions(hash_unchanged=True))
+    files = json.loads((tmp_path / "default" / "glm5conv-manifest.json").read_text())["files"]
+    hashed = json.loads((tmp_path / "hashed" / "glm5conv-manifest.json").read_text())["files"]
+    shard = "model-00001-of-00003.safetensors"
+    assert files[shard]["sha256"] is None and files[shard]["size"] == (src / shard).stat().st_size
+    assert hashed[shard]["sha256"] == hashlib.sha256((src / shard).read_bytes()).hexdigest()
+    assert files["config.json"]["sha256"] is not None  # every file glm5conv writes is hashed
 
 
 def test_outputs_open_with_safetensors(tmp_path: Path, bundled: Path) -> None:
@@ -270,7 +319,7 @@ def test_force_replaces_a_non_empty_dst(tmp_path: Path, bundled: Path) -> None:
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "old.txt").write_text("old")
-    convert(bundled, dst, ConvertOptions(), force=True)
+    convert(bundled, dst, ConvertOptions(), write=WriteOptions(force=True))
     assert not (dst / "old.txt").exists() and (dst / "glm5conv-manifest.json").exists()
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
 
@@ -301,7 +350,9 @@ def test_mxfp4_normalizes_int8_and_e8m0_views(tmp_path: Path, src: Path) -> None
     scale = load_shard(src / "model-00003-of-00003.safetensors")[0][EH + "_scale"]
     edit_shard(src, "model-00002-of-00003.safetensors", **{"model.layers.2.eh_proj__weight": weight.view(torch.int8)})
     edit_shard(
-        src, "model-00003-of-00003.safetensors", **{"model.layers.2.eh_proj__weight_scale": scale.view(torch.float8_e8m0fnu)}
+        src,
+        "model-00003-of-00003.safetensors",
+        **{"model.layers.2.eh_proj__weight_scale": scale.view(torch.float8_e8m0fnu)},
     )
     dst = tmp_path / "out"
     result = convert(src, dst, ConvertOptions(to="mxfp4"))
@@ -323,3 +374,15 @@ def test_deepseek_v3_checkpoint_converts(tmp_path: Path) -> None:
     assert result.plan.changes[0].module == "model.layers.61.eh_proj"
     assert "model.layers.61" in result.plan.exclude_added and "model.eh_proj" in result.plan.exclude_added
     assert verify_checkpoint(dst, against=ckpt).ok
+
+
+def test_provenance_hash_is_the_source_files_sha256(tmp_path: Path, src: Path) -> None:
+    import hashlib
+
+    convert(src, tmp_path / "out", ConvertOptions(scope="mtp"))
+    manifest = json.loads((tmp_path / "out" / "glm5conv-manifest.json").read_text())
+    for shard in ("model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"):
+        expected = hashlib.sha256((src / shard).read_bytes()).hexdigest()
+        assert load_shard(tmp_path / "out" / shard)[1]["glm5conv.source_sha256"] == expected
+        assert manifest["source_shards"][shard] == expected
+        assert manifest["files"][shard]["sha256"] == hashlib.sha256((tmp_path / "out" / shard).read_bytes()).hexdigest()

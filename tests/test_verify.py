@@ -11,7 +11,7 @@ import torch
 from glm5conv.convert import convert
 from glm5conv.plan import ConvertOptions
 from glm5conv.verify import verify_checkpoint
-from glm5conv.writer import PARTIAL_MARKER
+from glm5conv.writer import JOURNAL_NAME, WriteOptions
 from tests.helpers import edit_shard, index_of, run_cli
 
 S2 = "model-00002-of-00003.safetensors"
@@ -20,7 +20,7 @@ S2 = "model-00002-of-00003.safetensors"
 @pytest.fixture
 def converted(tmp_path: Path, bundled: Path) -> Path:
     dst = tmp_path / "out"
-    convert(bundled, dst, ConvertOptions(), copy=True)
+    convert(bundled, dst, ConvertOptions(), write=WriteOptions(copy=True))
     return dst
 
 
@@ -33,6 +33,7 @@ def test_clean_conversion_passes(converted: Path, bundled: Path, capsys) -> None
     doc = json.loads(out)
     assert code == 0 and doc["ok"] is True
     assert {c["name"] for c in doc["checks"]} == {
+        "state",
         "structure",
         "total_size",
         "mtp-shapes",
@@ -89,7 +90,7 @@ def test_unknown_engine_is_a_usage_error(bundled: Path, capsys) -> None:
 
 
 def test_incomplete_conversion_is_rejected(converted: Path, capsys) -> None:
-    (converted / PARTIAL_MARKER).touch()
+    (converted / JOURNAL_NAME).write_text('{"phase": "writing", "files": {}}')
     code, out, _ = run_cli(["verify", converted], capsys)
     assert code == 1 and "incomplete" in out
 

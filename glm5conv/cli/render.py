@@ -100,6 +100,9 @@ def render_convert(result: ConvertResult, console: Console) -> None:
             f"{plan.checkpoint.root}: already in the requested form ({plan.options.mode}); nothing to do, nothing written"
         )
         return
+    if result.status == "complete":
+        console.print(f"{result.dst}: already complete (an earlier run finished); nothing to resume")
+        return
     head = "dry run (nothing written)" if result.status == "dry-run" else f"wrote {result.dst}"
     console.print(f"[bold]{head}[/]: {plan.options.mode}, MTP layer {plan.checkpoint.layout.mtp_layer}")
     grouped: dict[tuple[str, str, str, str], int] = {}
