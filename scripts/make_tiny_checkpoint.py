@@ -56,18 +56,18 @@ TINY_CONFIG = dict(
 )
 
 
-def tiny_config(num_hidden_layers: int):
+def tiny_config(num_hidden_layers: int, **overrides):
     from transformers import GlmMoeDsaConfig
 
-    return GlmMoeDsaConfig(num_hidden_layers=num_hidden_layers, **TINY_CONFIG)
+    return GlmMoeDsaConfig(num_hidden_layers=num_hidden_layers, **(TINY_CONFIG | overrides))
 
 
-def bf16_state(seed: int) -> dict[str, torch.Tensor]:
+def bf16_state(seed: int, **overrides) -> dict[str, torch.Tensor]:
     """Weights of layers 0..2 (layer 2 becomes the MTP layer) plus the MTP-specific tensors."""
     from transformers import GlmMoeDsaForCausalLM
 
     torch.manual_seed(seed)
-    model = GlmMoeDsaForCausalLM(tiny_config(MTP_LAYER + 1))
+    model = GlmMoeDsaForCausalLM(tiny_config(MTP_LAYER + 1, **overrides))
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)  # transformers splits fused experts back into per-expert names
         state: dict[str, torch.Tensor] = {}
@@ -75,7 +75,7 @@ def bf16_state(seed: int) -> dict[str, torch.Tensor]:
             with safe_open(path, "pt") as f:
                 state.update({k: f.get_tensor(k) for k in f.keys()})
     generator = torch.Generator().manual_seed(seed + 1)
-    hidden = TINY_CONFIG["hidden_size"]
+    hidden = (TINY_CONFIG | overrides)["hidden_size"]
     for name in list(state):
         tensor = state[name]
         if name.endswith("e_score_correction_bias"):
@@ -101,7 +101,7 @@ def shard_of(name: str) -> int:
     return 2
 
 
-def write_bf16_checkpoint(state: dict[str, torch.Tensor], out: Path) -> None:
+def write_bf16_checkpoint(state: dict[str, torch.Tensor], out: Path, **overrides) -> None:
     out.mkdir(parents=True, exist_ok=True)
     groups: dict[int, dict[str, torch.Tensor]] = {1: {}, 2: {}, 3: {}}
     for name in sorted(state):
@@ -115,7 +115,7 @@ def write_bf16_checkpoint(state: dict[str, torch.Tensor], out: Path) -> None:
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = tiny_config(MTP_LAYER).to_dict()
+    config = tiny_config(MTP_LAYER, **overrides).to_dict()
     config["architectures"] = ["GlmMoeDsaForCausalLM"]
     config["num_nextn_predict_layers"] = 1
     config["dtype"] = "bfloat16"

@@ -28,7 +28,13 @@ EXIT_INTERNAL = 4
 
 
 def _register() -> None:
-    from glm5conv.cli import convert_command, inspect_command, verify_command  # noqa: F401
+    from glm5conv.cli import (  # noqa: F401
+        convert_command,
+        generate_command,
+        inspect_command,
+        serve_command,
+        verify_command,
+    )
 
 
 def _report_error(message: str, code: int, args: list[str]) -> int:
