@@ -15,6 +15,9 @@
 
 Usage: python scripts/make_tiny_checkpoint.py [--out glm5conv/bundled/tiny-glm5-mxfp4]
        [--bf16-out DIR] (also keep the unquantized bf16 source)
+       python scripts/make_tiny_checkpoint.py --from-bf16 DIR --out glm5conv/bundled/tiny-glm5-trained
+       (quantize an existing bf16 checkpoint, e.g. scripts/train_tiny_glm5.py's, with the same recipe;
+       its eh_proj scale stays next to the weight, as Quark writes it)
 """
 
 from __future__ import annotations
@@ -170,8 +173,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("glm5conv/bundled/tiny-glm5-mxfp4"))
     parser.add_argument("--bf16-out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-bf16", type=Path, default=None)
     args = parser.parse_args()
 
+    if args.from_bf16 is not None:
+        state = {}
+        for path in sorted(args.from_bf16.glob("*.safetensors")):
+            with safe_open(path, "pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        quantize_with_quark(args.from_bf16, args.out, glm5_mxfp4_exclude(state))
+        size = sum(p.stat().st_size for p in args.out.iterdir())
+        print(f"wrote {args.out} ({size / 1e6:.2f} MB)")
+        return
     state = bf16_state(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         bf16_dir = args.bf16_out or Path(tmp) / "bf16"

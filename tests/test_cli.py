@@ -47,7 +47,7 @@ def test_help_has_examples(capsys) -> None:
 
 def test_unknown_bundled_name(capsys) -> None:
     code, _, err = run_cli(["inspect", "bundled:nope"], capsys)
-    assert code == 2 and "bundled:nope: no such bundled checkpoint (bundled: tiny-glm5-mxfp4)" in err
+    assert code == 2 and "bundled:nope: no such bundled checkpoint (bundled: tiny-glm5-mxfp4, tiny-glm5-trained)" in err
 
 
 def test_fusion_flag_is_reported(tmp_path: Path, src: Path, capsys) -> None:

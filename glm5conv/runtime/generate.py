@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glm5conv.runtime.graphs import GraphSteps
 from glm5conv.runtime.model import GLM5
 
 
@@ -71,14 +72,20 @@ class Sampler:
 class Decoder:
     """Runs generation on a GLM5 model, one request at a time (batch 1)."""
 
-    def __init__(self, model: GLM5) -> None:
+    def __init__(self, model: GLM5, cuda_graphs: bool | None = None, max_draft_steps: int = 4) -> None:
         self.model = model
         self.device = model.lm_head.weight.device
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.max_draft_steps = max_draft_steps
+        self.graphs: GraphSteps | None = None
         self._on_tokens: Callable[[list[int]], None] | None = None
 
     def _ensure_cache(self, length: int) -> None:
         if self.model.caches is None or self.model.max_len < length:
-            self.model.setup_caches(1, max(length, 256))
+            # room to grow: every new allocation costs a recapture of the CUDA graphs
+            self.model.setup_caches(1, max(length, 256 if self.device.type == "cpu" else 1024))
+        if self.cuda_graphs and (self.graphs is None or not self.graphs.valid_for(self.model)):
+            self.graphs = GraphSteps(self.model, self.max_draft_steps + 1)
 
     def _positions(self, start: int, count: int) -> torch.Tensor:
         return torch.arange(start, start + count, device=self.device)
@@ -86,10 +93,14 @@ class Decoder:
     def main(self, tokens: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The main model over ``tokens`` [1, S] placed at positions start .. start+S-1."""
         count = tokens.shape[1]
+        if self.graphs is not None and count in self.graphs.main:
+            return self.graphs.main[count](tokens, self._positions(start, count))
         return self.model(tokens, self._positions(start, count), start + count)
 
     def draft(self, tokens: torch.Tensor, hidden: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         count = tokens.shape[1]
+        if self.graphs is not None and count in self.graphs.draft:
+            return self.graphs.draft[count](tokens, hidden, self._positions(start, count))
         return self.model.forward_mtp(tokens, hidden, self._positions(start, count), start + count)
 
     @torch.inference_mode()
@@ -197,8 +208,9 @@ class Decoder:
         """(number of drafts accepted, the token that follows them) from the verify logits [k+1, V]."""
         if sampler.greedy:
             target = logits.argmax(-1)
-            agree = (target[:-1] == torch.stack(drafts)).int()
-            accepted = int(agree.cumprod(0).sum())
+            values = torch.cat([target, torch.stack(drafts)]).tolist()  # one host sync per round
+            predicted, drafted = values[: len(drafts) + 1], values[len(drafts) + 1 :]
+            accepted = next((i for i, (p, d) in enumerate(zip(predicted[:-1], drafted, strict=True)) if p != d), len(drafts))
             return accepted, target[accepted]
         p_all = sampler.probs(logits)
         for i, (token, q) in enumerate(zip(drafts, draft_probs, strict=True)):

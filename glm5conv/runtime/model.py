@@ -92,19 +92,27 @@ class Indexer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache | None,
         valid: torch.Tensor,
     ) -> torch.Tensor:
         """Boolean [B, S, L]: which cached positions each query may attend to."""
         a = self.args
+        capacity = valid.shape[-1] if cache is None else cache.index_k.shape[1]
+        if capacity <= a.index_topk:
+            # no row can ever have more than k keys, and top-k of at most k keys keeps them all:
+            # skip the scoring (and the indexer cache, which is then never read)
+            return valid.expand(x.shape[0], -1, -1)
         b, s, _ = x.shape
         rope = a.qk_rope_head_dim
         q = self.wq_b(q_resid).view(b, s, a.index_n_heads, a.index_head_dim)
         q = torch.cat([apply_rope(q[..., :rope], cos[:, None], sin[:, None]), q[..., rope:]], dim=-1)
         k = self.k_norm(self.wk(x))
         k = torch.cat([apply_rope(k[..., :rope], cos, sin), k[..., rope:]], dim=-1)
-        cache.index_k.index_copy_(1, positions, k.to(cache.index_k.dtype))
-        keys = cache.index_k[:, : valid.shape[-1]].float()
+        if cache is None:  # training / cache-free: the keys are this sequence's
+            keys = k.float()
+        else:
+            cache.index_k.index_copy_(1, positions, k.to(cache.index_k.dtype))
+            keys = cache.index_k[:, : valid.shape[-1]].float()
         scores = F.relu(torch.einsum("bshd,btd->bsht", q.float(), keys) * a.index_head_dim**-0.5)
         weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * a.index_n_heads**-0.5
         index_scores = torch.einsum("bsh,bsht->bst", weights, scores).masked_fill(~valid, float("-inf"))
@@ -131,7 +139,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache | None,
         valid: torch.Tensor,
         shared_select: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,18 +151,17 @@ class Attention(nn.Module):
         q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos[:, None], sin[:, None])
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        cache.latent.index_copy_(1, positions, self.kv_a_layernorm(latent).to(cache.latent.dtype))
-        cache.k_rope.index_copy_(1, positions, apply_rope(k_rope, cos, sin).to(cache.k_rope.dtype))
+        latent, k_rope = self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin)
+        length = valid.shape[-1]
+        if cache is not None:  # without a cache (training) the keys are this sequence's
+            cache.latent.index_copy_(1, positions, latent.to(cache.latent.dtype))
+            cache.k_rope.index_copy_(1, positions, k_rope.to(cache.k_rope.dtype))
+            latent, k_rope = cache.latent[:, :length].to(x.dtype), cache.k_rope[:, :length].to(x.dtype)
 
         select = shared_select if self.indexer is None else self.indexer(x, q_resid, cos, sin, positions, cache, valid)
-        length = valid.shape[-1]
-        kv = self.kv_b_proj(cache.latent[:, :length].to(x.dtype)).view(
-            b, length, heads, a.qk_nope_head_dim + a.v_head_dim
-        )
+        kv = self.kv_b_proj(latent).view(b, length, heads, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, value = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
-        scores = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum(
-            "bshd,btd->bhst", q_rope, cache.k_rope[:, :length].to(x.dtype)
-        )
+        scores = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
         scores = scores.float() * a.qk_head_dim**-0.5
         scores = scores.masked_fill(~select[:, None], NEG)
         probs = scores.softmax(-1).to(x.dtype)
@@ -190,7 +197,8 @@ class MoE(nn.Module):
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """Dense [T, E] routing weights (zero for experts not chosen)."""
         a = self.args
-        scores = (x.float() @ self.gate_weight.float().t()).sigmoid()
+        with torch.autocast(x.device.type, enabled=False):  # the router runs in float32, also in training
+            scores = (x.float() @ self.gate_weight.float().t()).sigmoid()
         choice = scores + self.e_score_correction_bias
         if a.n_group > 1:
             groups = choice.view(-1, a.n_group, a.n_routed_experts // a.n_group)
@@ -270,22 +278,31 @@ class GLM5(nn.Module):
     def _valid(self, positions: torch.Tensor, kv_len: int | None) -> torch.Tensor:
         """[1, S, kv_len]: query at position p sees cached positions <= p (later slots are stale or empty).
 
-        ``kv_len`` (the cache length in use) keeps eager steps short and makes the indexer's top-k
-        run over exactly the keys transformers' does, ties included; ``None`` attends over the
-        whole static cache, for captured graphs.
+        ``kv_len`` (the cache length in use) keeps eager steps short; ``None`` attends over the
+        whole static cache, for captured graphs. Without caches (training) the keys are the
+        sequence itself and the mask is plain causal.
         """
+        if self.caches is None:
+            return (positions[None, :] <= positions[:, None])[None]
         arange = self.arange if kv_len is None else self.arange[:kv_len]
         return (arange[None, :] <= positions[:, None])[None]
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.caches is None:
+            cos, sin = rope_tables(self.args, int(positions.max()) + 1, positions.device)
+            return cos[positions].to(self.lm_head.weight.dtype), sin[positions].to(self.lm_head.weight.dtype)
+        return self.rope_cos[positions], self.rope_sin[positions]
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Main model over ``tokens`` [B, S] at ``positions`` [S]: (logits, hidden after the final norm)."""
         x = self.embed_tokens(tokens)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        cos, sin = self._rope(positions)
         valid = self._valid(positions, kv_len)
+        caches = self.caches if self.caches is not None else [None] * len(self.layers)
         select = None
-        for layer, cache in zip(self.layers, self.caches, strict=False):
+        for layer, cache in zip(self.layers, caches, strict=False):
             x, select = layer(x, cos, sin, positions, cache, valid, select)
         hidden = self.norm(x)
         return self.lm_head(hidden), hidden
@@ -300,7 +317,8 @@ class GLM5(nn.Module):
         """
         mtp = self.mtp
         x = mtp.eh_proj(torch.cat([mtp.enorm(self.embed_tokens(tokens)), mtp.hnorm(hidden)], dim=-1))
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        x, _ = mtp.decoder(x, cos, sin, positions, self.caches[-1], self._valid(positions, kv_len), None)
+        cos, sin = self._rope(positions)
+        cache = self.caches[-1] if self.caches is not None else None
+        x, _ = mtp.decoder(x, cos, sin, positions, cache, self._valid(positions, kv_len), None)
         out = mtp.shared_head_norm(x)
         return self.lm_head(out), out

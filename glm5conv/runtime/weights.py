@@ -106,3 +106,37 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
             buffer.data = buffer.data.to(torch.float32)
     load_weights(model, checkpoint, dtype)
     return model.eval()
+
+
+def checkpoint_tensors(model: GLM5) -> dict[str, torch.Tensor]:
+    """The model's weights under GLM-5's checkpoint names (per-expert linears, MTP as layer N).
+
+    The inverse of ``load_weights``; used to save a trained model as a checkpoint.
+    """
+    args = model.args
+    out: dict[str, torch.Tensor] = {}
+
+    def layer(prefix: str, module: torch.nn.Module) -> None:
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            m = re.fullmatch(r"mlp\.w_(gate|up|down)", name)
+            if m:
+                for e in range(tensor.shape[0]):
+                    out[f"{prefix}mlp.experts.{e}.{m.group(1)}_proj.weight"] = tensor[e]
+                continue
+            name = name.replace("mlp.gate_weight", "mlp.gate.weight").replace(
+                "mlp.e_score_correction_bias", "mlp.gate.e_score_correction_bias"
+            )
+            out[prefix + name] = tensor
+
+    out["model.embed_tokens.weight"] = model.embed_tokens.weight
+    for i, decoder in enumerate(model.layers):
+        layer(f"model.layers.{i}.", decoder)
+    out["model.norm.weight"] = model.norm.weight
+    out["lm_head.weight"] = model.lm_head.weight
+    if model.mtp is not None:
+        prefix = f"model.layers.{args.mtp_layer}."
+        for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
+            out[prefix + name] = model.mtp.get_parameter(name)
+        out[prefix + "shared_head.norm.weight"] = model.mtp.shared_head_norm.weight
+        layer(prefix, model.mtp.decoder)
+    return {k: v.detach().contiguous() for k, v in out.items()}
