@@ -10,7 +10,7 @@ tensor fit it. Nothing here reads files, so the rules are tested on plain data.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from glm5conv.architecture import MTP_SPECIFIC_MODULES, ModelLayout
 from glm5conv.mtp import MXFP4, ROUTED_EXPERT_MARK, ModuleStorage
@@ -18,6 +18,13 @@ from glm5conv.quark_config import REGEX_PREFIX, entry_matches
 
 DISABLE_FUSION_FLAG = "--disable-shared-experts-fusion"
 SHARED_EXPERT_PREFIX = "mlp.shared_experts."
+
+
+# The draft's fused Linears and their parts (SGLang names; vLLM calls the first fused_qkv_a_proj).
+SGLANG_FUSED_MODULES = {
+    "self_attn.fused_qkv_a_proj_with_mqa": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+    "mlp.shared_experts.gate_up_proj": ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class EngineProfile:
     shared_fusion_architectures: tuple[str, ...]  # draft classes for which shared-expert fusion is on
     shared_fusion_expert_counts: tuple[int, ...]
     skips_unknown_tensors: bool  # SGLang logs and skips; vLLM raises KeyError
+    patched: bool = False  # `glm5conv sglang-patch --apply`: Quark-aware eh_proj + exclude remap (fused names too)
 
     def draft_class(self, layout: ModelLayout) -> str:
         if self.engine == "vllm":
@@ -46,12 +54,10 @@ class EngineProfile:
         return layout.mtp_prefix() if self.engine == "vllm" else "model.decoder."
 
     def fused_modules(self) -> dict[str, tuple[str, ...]]:
-        qkv = "fused_qkv_a_proj" if self.engine == "vllm" else "fused_qkv_a_proj_with_mqa"
-        return {
-            f"self_attn.{qkv}": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
-            "mlp.shared_experts.gate_up_proj": ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
-            "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-        }
+        fused = dict(SGLANG_FUSED_MODULES)
+        if self.engine == "vllm":
+            fused["self_attn.fused_qkv_a_proj"] = fused.pop("self_attn.fused_qkv_a_proj_with_mqa")
+        return fused | {"mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
     def never_quantized(self) -> dict[str, tuple[str, ...]]:
         """Modules built without quant_config whatever the exclude list says."""
@@ -126,6 +132,8 @@ ENGINES: tuple[EngineProfile, ...] = (
     ),
 )
 ENGINE_KEYS = tuple(e.key for e in ENGINES)
+# The releases glm5conv sglang-patch rewrites, and what they behave like once patched.
+PATCHABLE_KEYS = ("sglang-0.5.10", "sglang-0.5.11")
 QUARK_AWARE_ENGINE_KEYS = tuple(e.key for e in ENGINES if e.eh_proj_quark_aware)
 
 
@@ -133,7 +141,50 @@ def engine(key: str) -> EngineProfile:
     for profile in ENGINES:
         if profile.key == key:
             return profile
+    if key.endswith("-patched") and key.removesuffix("-patched") in PATCHABLE_KEYS:
+        return patched(engine(key.removesuffix("-patched")))
     raise KeyError(key)
+
+
+def patched(profile: EngineProfile) -> EngineProfile:
+    """The profile of an SGLang release after ``glm5conv sglang-patch --apply``."""
+    return replace(
+        profile,
+        key=profile.key + "-patched",
+        label=profile.label + " (glm5conv-patched)",
+        eh_proj_quark_aware=True,
+        patched=True,
+    )
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def sglang_profile(version: str, is_patched: bool = False) -> tuple[EngineProfile, str]:
+    """The rules for an installed SGLang version, and a note when that release was not read.
+
+    Versions between the releases read are taken to behave like the older one; later ones like
+    the newest read.
+    """
+    v = _version_tuple(version)
+    if v < (0, 5, 11):
+        key, read = "sglang-0.5.10", {(0, 5, 9), (0, 5, 10)}
+    elif v < (0, 5, 16):
+        key, read = "sglang-0.5.11", {(0, 5, 11), (0, 5, 12), (0, 5, 13), (0, 5, 14), (0, 5, 15)}
+    elif v < (0, 5, 17):
+        key, read = "sglang-0.5.16", {(0, 5, 16)}
+    else:
+        key, read = "sglang-0.5.23", {(0, 5, 23)}
+    profile = engine(key)
+    if is_patched and key in PATCHABLE_KEYS:
+        profile = patched(profile)
+    note = "" if v in read else f"SGLang {version} was not read by glm5conv; assuming it behaves like {profile.label}"
+    return profile, note
 
 
 # SGLang's DeepseekV3ForCausalLMNextN.hf_to_sglang_mapper (all versions read): a substring map
@@ -142,23 +193,35 @@ def engine(key: str) -> EngineProfile:
 _DEEPSEEK_SUBSTRING_MAP = ("model.layers.61", "model.decoder")
 
 
+def _remap_mtp_entries(layout: ModelLayout, names: tuple[str, ...], fused_names: bool) -> tuple[str, ...]:
+    """Add, for each entry under ``model.layers.N.``, the draft's own name (as PR #30265 does)."""
+    prefix = layout.mtp_prefix()
+    mtp_entries = [e for e in names if e.startswith(prefix)]
+    out = list(names)
+    for entry in mtp_entries:
+        rest = entry[len(prefix) :]
+        top = any(part in rest for part in MTP_SPECIFIC_MODULES)
+        out.append(("model." if top else "model.decoder.") + rest)
+    if fused_names:  # glm5conv's patch also names fused modules whose parts are all excluded
+        for unit, parts in SGLANG_FUSED_MODULES.items():
+            if all(prefix + part in mtp_entries for part in parts):
+                out.append("model.decoder." + unit)
+    if any(f".{ROUTED_EXPERT_MARK}" in e for e in mtp_entries):
+        out.append("model.decoder.mlp.experts")
+    return tuple(dict.fromkeys(out))
+
+
 def draft_exclude_list(profile: EngineProfile, layout: ModelLayout, exclude: tuple[str, ...]) -> tuple[str, ...]:
     """The exclude list as the engine holds it when it builds the draft model."""
     if profile.engine == "vllm":
         return exclude
+    names = exclude
     if profile.draft_class(layout) == "DeepseekV3ForCausalLMNextN":
         old, new = _DEEPSEEK_SUBSTRING_MAP
-        return tuple(e.replace(old, new, 1) for e in exclude)
-    prefix = layout.mtp_prefix()
-    names = list(exclude)
-    mtp_entries = [e for e in exclude if e.startswith(prefix)]
-    for entry in mtp_entries:
-        rest = entry[len(prefix) :]
-        top = any(part in rest for part in MTP_SPECIFIC_MODULES)
-        names.append(("model." if top else "model.decoder.") + rest)
-    if any(f".{ROUTED_EXPERT_MARK}" in e for e in mtp_entries):
-        names.append("model.decoder.mlp.experts")
-    return tuple(dict.fromkeys(names))
+        names = tuple(e.replace(old, new, 1) for e in names)
+    if profile.patched or profile.draft_class(layout) == "GlmMoeDsaForCausalLMNextN":
+        names = _remap_mtp_entries(layout, names, fused_names=profile.patched)
+    return names
 
 
 def whole_layer_unquantized(profile: EngineProfile, layout: ModelLayout, exclude: tuple[str, ...]) -> bool:

@@ -7,11 +7,13 @@
   282 shards named ``model-000NN-of-00282.safetensors`` (the MTP layer starts a fresh shard).
 - The MTP layer is written at full size with real shapes and dtypes (eh_proj U8 [6144, 6144] +
   scale [6144, 384]; 256 routed experts MXFP4; attention, indexer, shared expert bf16), about 5.5 GB.
-  The other shards are small stand-ins (same tensor names and dtypes, tiny shapes) unless --full.
+  The other shards are sparse files: real headers and sizes (430 GB in all), zero data, a few MB
+  on disk; --full writes random data there too, --sparse makes the MTP shards sparse as well (a
+  full-size layout in seconds, for planning and dry runs).
 - Random but valid data (scale bytes 100..140, never 255), deterministic for a given --seed.
 - Quark's conventions: shards without metadata, index with indent 4 and total_size = shard file sizes.
 
-Usage: python scripts/make_synthetic_glm5.py OUT [--full] [--seed 0] [--hf-cache]
+Usage: python scripts/make_synthetic_glm5.py OUT [--full | --sparse] [--seed 0] [--hf-cache]
   --hf-cache lays the folder out as a Hugging Face cache snapshot (files are symlinks into blobs/
   named by their sha256), as `huggingface-cli download` leaves it; OUT is then the snapshot folder.
 """
@@ -195,12 +197,6 @@ def assign_shards() -> list[list[tuple[str, str, tuple[int, ...]]]]:
     return shards
 
 
-def stand_in_shape(dtype: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if len(shape) == 1:
-        return (8,)
-    return (1, 16 if dtype == "U8" else 8)
-
-
 def chunks(name: str, dtype: str, shape: tuple[int, ...], seed: int) -> Iterator[bytes]:
     """Deterministic random bytes for one tensor, in bounded chunks."""
     rng = np.random.Generator(
@@ -221,9 +217,13 @@ def chunks(name: str, dtype: str, shape: tuple[int, ...], seed: int) -> Iterator
             yield (rng.standard_normal(n // 4, dtype=np.float32) * 0.01).tobytes()
 
 
-def write_shard(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], seed: int) -> None:
+def write_shard(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], seed: int, sparse: bool) -> None:
     with open(path, "wb") as f:
-        f.write(encode_header([TensorSpec(*t) for t in tensors], None))
+        header = encode_header([TensorSpec(*t) for t in tensors], None)
+        f.write(header)
+        if sparse:  # zeros are valid data (scale byte 0 is 2^-127); the file system stores none of them
+            f.truncate(len(header) + sum(nbytes(d, s) for _, d, s in tensors))
+            return
         for name, dtype, shape in tensors:
             for data in chunks(name, dtype, shape, seed):
                 f.write(data)
@@ -273,16 +273,14 @@ def config_json() -> dict:
     return config
 
 
-def make(out: Path, *, full: bool = False, seed: int = 0) -> Path:
+def make(out: Path, *, full: bool = False, sparse: bool = False, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     mtp_prefix = f"model.layers.{CONFIG['num_hidden_layers']}."
     weight_map: dict[str, str] = {}
     for number, tensors in enumerate(assign_shards(), start=1):
         filename = f"model-{number:05d}-of-{NUM_SHARDS:05d}.safetensors"
         is_mtp = any(t[0].startswith(mtp_prefix) for t in tensors)
-        if not (full or is_mtp):
-            tensors = [(n, d, stand_in_shape(d, s)) for n, d, s in tensors]
-        write_shard(out / filename, tensors, seed)
+        write_shard(out / filename, tensors, seed, sparse=sparse or not (full or is_mtp))
         weight_map.update({t[0]: filename for t in tensors})
     total = sum((out / f).stat().st_size for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -308,15 +306,16 @@ def to_hf_cache(folder: Path, snapshot: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--full", action="store_true", help="write every shard at full size (~430 GB)")
+    parser.add_argument("--full", action="store_true", help="random data in every shard (~430 GB on disk)")
+    parser.add_argument("--sparse", action="store_true", help="sparse MTP shards too (seconds, a few MB on disk)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-cache", action="store_true", help="lay OUT out as a Hugging Face cache snapshot")
     args = parser.parse_args()
     if args.hf_cache:
         staging = args.out.parent / f".{args.out.name}.staging"
-        path = to_hf_cache(make(staging, full=args.full, seed=args.seed), args.out)
+        path = to_hf_cache(make(staging, full=args.full, sparse=args.sparse, seed=args.seed), args.out)
     else:
-        path = make(args.out, full=args.full, seed=args.seed)
+        path = make(args.out, full=args.full, sparse=args.sparse, seed=args.seed)
     size = sum(p.stat().st_size for p in path.iterdir())
     print(f"wrote {path}: {size / 1e9:.2f} GB")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from glm5conv.bundled import bundled_path
 from glm5conv.runtime import load_model

@@ -160,3 +160,27 @@ def test_serve_binds_loopback_by_default(checkpoint: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_trained_checkpoint_serves_with_mtp() -> None:
+    """bundled:tiny-glm5-trained (MXFP4 by amd-quark, a real MTP layer) through the openai client."""
+    from glm5conv.bundled import bundled_path
+
+    loaded = load_model(bundled_path("tiny-glm5-trained"), device="cpu")
+    port = free_port()
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(loaded, speculative_num_steps=3), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        response = client.completions.create(
+            model="tiny-glm5-trained", prompt="import os\n\n\ndef main(", max_tokens=64, temperature=0
+        )
+        assert response.choices[0].text and response.model_extra["glm5conv"]["mean_accept_length"] > 1.5
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

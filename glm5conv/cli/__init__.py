@@ -33,6 +33,7 @@ def _register() -> None:
         generate_command,
         inspect_command,
         serve_command,
+        sglang_patch_command,
         verify_command,
     )
 

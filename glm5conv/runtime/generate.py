@@ -210,7 +210,9 @@ class Decoder:
             target = logits.argmax(-1)
             values = torch.cat([target, torch.stack(drafts)]).tolist()  # one host sync per round
             predicted, drafted = values[: len(drafts) + 1], values[len(drafts) + 1 :]
-            accepted = next((i for i, (p, d) in enumerate(zip(predicted[:-1], drafted, strict=True)) if p != d), len(drafts))
+            accepted = next(
+                (i for i, (p, d) in enumerate(zip(predicted[:-1], drafted, strict=True)) if p != d), len(drafts)
+            )
             return accepted, target[accepted]
         p_all = sampler.probs(logits)
         for i, (token, q) in enumerate(zip(drafts, draft_probs, strict=True)):
