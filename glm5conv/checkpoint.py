@@ -91,6 +91,19 @@ def _checked_shard_name(name: Any, tensor: str, index_path: Path) -> str:
     return str(pure)
 
 
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of the checkpoint that lives in its source repository, not in the folder.
+
+    ``header`` is a shard's header when it was fetched alone (a ranged read), so the plan can
+    validate and place the shard's tensors without its data.
+    """
+
+    size: int
+    sha256: str | None
+    header: ShardHeader | None = None
+
+
 @dataclass
 class Checkpoint:
     """A validated view of a checkpoint; nothing here writes."""
@@ -101,6 +114,7 @@ class Checkpoint:
     index: dict[str, Any] | None
     weight_map: dict[str, str]
     shards: dict[str, ShardHeader]
+    remote_files: dict[str, RemoteFile] = field(default_factory=dict)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
@@ -170,16 +184,33 @@ class Checkpoint:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def tensor_bytes_total(self) -> int:
+    @property
+    def is_partial(self) -> bool:
+        """Some shards are elsewhere (a Hub overlay): their headers are unknown."""
+        return any(s.remote for s in self.shards.values())
+
+    def files(self) -> list[str]:
+        """Every file of the checkpoint: those here and those elsewhere."""
+        return sorted(set(checkpoint_files(self.root)) | set(self.remote_files))
+
+    def tensor_bytes_total(self) -> int | None:
+        if self.is_partial:
+            return None
         return sum(s.tensor_bytes for s in self.shards.values())
 
     def file_bytes_total(self) -> int:
         return sum(s.file_size for s in self.shards.values())
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open and validate a checkpoint folder (config, index, every shard header)."""
+def open_checkpoint(path: str | os.PathLike[str], remote_files: dict[str, RemoteFile] | None = None) -> Checkpoint:
+    """Open and validate a checkpoint folder (config, index, every shard header).
+
+    ``remote_files`` lists files that live elsewhere (the source repository of a Hub conversion):
+    shards among them need not be here. Those whose header came along are validated like local
+    ones; the others are only counted. The plan never reads their data.
+    """
     root = Path(path)
+    remote_files = remote_files or {}
     if not root.exists():
         raise BadInputError(f"{root}: no such folder")
     if not root.is_dir():
@@ -202,7 +233,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             if not isinstance(shard, str) or shard not in checked:
                 checked[str(shard)] = _checked_shard_name(shard, tensor, index_path)
             weight_map[tensor] = checked[shard]
-    elif (root / SINGLE_FILE_NAME).exists():
+    elif (root / SINGLE_FILE_NAME).exists() or SINGLE_FILE_NAME in remote_files:
         index = None
         weight_map = {}
     else:
@@ -213,6 +244,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     for name in shard_names:
         shard_path = root / name
         if not shard_path.is_file():
+            if name in remote_files:
+                remote = remote_files[name]
+                shards[name] = remote.header or ShardHeader(shard_path, -1, None, {}, remote.size)
+                continue
             tensor = next((t for t, s in weight_map.items() if s == name), "")
             raise BadInputError(f"{index_path}: weight_map names missing shard '{name}' (for '{tensor}')")
         shards[name] = read_header(shard_path)
@@ -221,21 +256,27 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         weight_map = {t: SINGLE_FILE_NAME for t in shards[SINGLE_FILE_NAME].tensors}
     else:
         _check_index_against_shards(index_path, weight_map, shards)
-    return Checkpoint(root=root, config=config, layout=layout, index=index, weight_map=weight_map, shards=shards)
+    return Checkpoint(
+        root=root, config=config, layout=layout, index=index, weight_map=weight_map, shards=shards,
+        remote_files=dict(remote_files),
+    )  # fmt: skip
 
 
 def _check_index_against_shards(index_path: Path, weight_map: dict[str, str], shards: dict[str, ShardHeader]) -> None:
     seen: dict[str, str] = {}
+    remote = {name for name, header in shards.items() if header.remote}
     for shard_name, header in shards.items():
         for tensor in header.tensors:
             if tensor in seen:
                 raise BadInputError(f"tensor '{tensor}' appears in both {seen[tensor]} and {shard_name}")
             seen[tensor] = shard_name
     for tensor, shard_name in weight_map.items():
+        if shard_name in remote:
+            continue
         if tensor not in shards[shard_name].tensors:
             where = f" (it is in {seen[tensor]})" if tensor in seen else ""
             raise BadInputError(f"{index_path}: '{tensor}' is mapped to {shard_name} but not stored there{where}")
-    unmapped = sorted(set(seen) - set(weight_map))
+    unmapped = sorted(t for t in set(seen) - set(weight_map) if seen[t] not in remote)
     if unmapped:
         raise BadInputError(f"{index_path}: '{unmapped[0]}' is stored in {seen[unmapped[0]]} but not in weight_map")
 

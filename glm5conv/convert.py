@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glm5conv.checkpoint import MANIFEST_NAME, checkpoint_files, open_checkpoint
+from glm5conv.checkpoint import MANIFEST_NAME, RemoteFile, checkpoint_files, open_checkpoint
 from glm5conv.errors import UsageError
 from glm5conv.plan import ConversionPlan, ConvertOptions, plan_conversion
 from glm5conv.writer import (
@@ -26,6 +26,7 @@ class ConvertResult:
     plan: ConversionPlan
     dst: Path
     manifest: dict[str, Any] | None = None
+    hub: dict[str, Any] | None = None  # a Hub source: repository, commit, what was (or would be) fetched
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -65,10 +66,13 @@ def convert(
     write: WriteOptions | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    remote_files: dict[str, RemoteFile] | None = None,
+    source: dict[str, str] | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint at ``src`` into ``dst`` (or into ``src`` itself with ``write.in_place``).
 
-    Except in place, the source is only read.
+    Except in place, the source is only read. ``remote_files`` and ``source`` come from a Hub
+    source (see glm5conv.hub): files that stay in the repository, and the repository itself.
     """
     src = Path(src)
     write = write or WriteOptions()
@@ -88,9 +92,10 @@ def convert(
     complete = write.resume and not partial_dir(dst).exists() and (dst / MANIFEST_NAME).exists()
     if not (write.in_place or complete):
         check_paths(src, dst, write.force)
-    checkpoint = open_checkpoint(src)
+    checkpoint = open_checkpoint(src, remote_files)
     try:
         plan = plan_conversion(checkpoint, options)
+        plan.source = source
         if plan.is_noop:
             return ConvertResult("noop", plan, dst)
         if complete and not write.in_place:
@@ -135,4 +140,5 @@ def result_json(result: ConvertResult) -> dict[str, Any]:
         "engines_before": [v.to_json() for v in plan.verdicts_before],
         "engines_after": [v.to_json() for v in plan.verdicts_after],
         "notes": plan.notes,
+        "hub": result.hub,
     }

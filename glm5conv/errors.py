@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_OUTPUT_FAILED = 3
+EXIT_REMOTE_FAILED = 6
 
 
 class Glm5convError(Exception):
@@ -37,3 +38,9 @@ class OutputError(Glm5convError):
     """Writing the output failed (disk full, permissions); nothing valid-looking was left."""
 
     exit_code = EXIT_OUTPUT_FAILED
+
+
+class RemoteError(Glm5convError):
+    """The Hugging Face Hub (or the network to it) refused or failed a request."""
+
+    exit_code = EXIT_REMOTE_FAILED

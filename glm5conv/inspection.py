@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glm5conv.checkpoint import Checkpoint, open_checkpoint
+from glm5conv.checkpoint import Checkpoint, RemoteFile, open_checkpoint
 from glm5conv.engines import ENGINES, EngineVerdict, evaluate, exclude_names, whole_layer_exclude_names
 from glm5conv.manifest import read_manifest
 from glm5conv.mtp import layer_storage
@@ -80,8 +80,9 @@ def engine_verdicts(checkpoint: Checkpoint) -> tuple[list[EngineVerdict], tuple[
     return [evaluate(e, layout, exclude, storage) for e in ENGINES], exclude, []
 
 
-def inspect_checkpoint(path: Path) -> InspectReport:
-    with open_checkpoint(path) as checkpoint:
+def inspect_checkpoint(path: Path, remote_files: dict[str, RemoteFile] | None = None) -> InspectReport:
+    """``remote_files``: a Hub repository's files that are not here (see glm5conv.hub)."""
+    with open_checkpoint(path, remote_files) as checkpoint:
         layout = checkpoint.layout
         method = quantization_method(checkpoint.config)
         if method == "quark":

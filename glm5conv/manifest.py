@@ -72,6 +72,8 @@ def build_manifest(plan: ConversionPlan, files: dict[str, dict[str, Any]]) -> di
             "rewritten": [list(pair) for pair in plan.exclude_rewritten],
         },
         "total_size_convention": plan.total_size_convention,
+        "source": plan.source,
+        "overlay": bool(plan.checkpoint.remote_files),
         "files": {
             name: {"sha256": info["sha256"], "size": info["size"], "status": info["status"]}
             for name, info in sorted(files.items())
@@ -96,6 +98,8 @@ def manifest_problems(folder: Path, manifest: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     listed = manifest["files"]
     for name, record in sorted(listed.items()):
+        if record.get("status") == "in-source-repo":
+            continue  # an overlay's unchanged file: in the source repository, checked there
         path = folder / name
         if not path.is_file():
             problems.append(f"{path}: listed in the manifest but missing")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glm5conv import __version__
-from glm5conv.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint, checkpoint_files
+from glm5conv.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from glm5conv.codec import GROUP_SIZE
 from glm5conv.engines import (
     ENGINE_KEYS,
@@ -114,6 +114,7 @@ class ConversionPlan:
     verdicts_after: list[EngineVerdict]
     checks: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    source: dict[str, str] | None = None  # the Hub repository (repo_id, revision, commit) converted from
 
     @property
     def is_noop(self) -> bool:
@@ -140,18 +141,28 @@ class ConversionPlan:
         return sum(self.checkpoint.shards[s.name].file_size for s in self.shards)
 
     def total_size(self) -> int | None:
-        """``metadata.total_size`` of the new index, in the source's own convention."""
+        """``metadata.total_size`` of the new index, in the source's own convention.
+
+        The source's figure plus what the rewritten shards change, so shards that are not here
+        (a Hub overlay) need not be read; "recomputed" counts every tensor byte afresh.
+        """
         if self.weight_map is None:
             return None
-        rewritten = {s.name: s for s in self.shards}
-        total = 0
-        for name, header in self.checkpoint.shards.items():
-            shard = rewritten.get(name)
+        shards = self.checkpoint.shards
+        if self.total_size_convention == "recomputed":
+            rewritten = {s.name: s for s in self.shards}
+            return sum(
+                sum(t.nbytes for t in rewritten[n].tensors) if n in rewritten else h.tensor_bytes
+                for n, h in shards.items()
+            )
+        stated = (self.checkpoint.index.get("metadata") or {}).get("total_size")
+        for shard in self.shards:
+            before = shards[shard.name]
             if self.total_size_convention == "file-size":
-                total += shard.file_size if shard else header.file_size
+                stated += shard.file_size - before.file_size
             else:
-                total += sum(t.nbytes for t in shard.tensors) if shard else header.tensor_bytes
-        return total
+                stated += sum(t.nbytes for t in shard.tensors) - before.tensor_bytes
+        return stated
 
     def index(self) -> dict[str, Any] | None:
         """The new index: the source's, with the new weight_map and total_size (other keys kept)."""
@@ -163,13 +174,18 @@ class ConversionPlan:
 
     def fingerprint(self) -> str:
         """Identity of this conversion (tool, options, source files, planned output): resume only into the same."""
-        sources = {}
+        sources: dict[str, list[Any]] = {}
         for name in sorted(set(self.checkpoint.shards) | set(self.untouched_files) | {CONFIG_NAME}):
-            stat = (self.checkpoint.root / name).stat()
-            sources[name] = [stat.st_size, stat.st_mtime_ns]
+            remote = self.checkpoint.remote_files.get(name)
+            if remote is not None:
+                sources[name] = [remote.size, remote.sha256]
+            else:
+                stat = (self.checkpoint.root / name).stat()
+                sources[name] = [stat.st_size, stat.st_mtime_ns]
         identity = {
             "version": __version__,
             "mode": self.options.mode,
+            "source": self.source,
             "sources": sources,
             "shards": {s.name: s.header().hex() for s in self.shards},
             "untouched": self.untouched_files,
@@ -255,16 +271,19 @@ def _total_size_convention(checkpoint: Checkpoint, notes: list[str]) -> str:
     if checkpoint.index is None:
         return "none"
     stated = (checkpoint.index.get("metadata") or {}).get("total_size")
-    if stated == checkpoint.tensor_bytes_total():
-        return "tensor-bytes"
-    if stated == checkpoint.file_bytes_total():
+    tensor_bytes, file_bytes = checkpoint.tensor_bytes_total(), checkpoint.file_bytes_total()
+    if stated == file_bytes:
         return "file-size"
+    if tensor_bytes is None and isinstance(stated, int):
+        notes.append(f"{INDEX_NAME}: total_size taken as tensor bytes (the unchanged shards' headers were not fetched)")
+        return "tensor-bytes"
+    if stated == tensor_bytes:
+        return "tensor-bytes"
     notes.append(
         f"{INDEX_NAME}: metadata.total_size {stated!r} matches neither the tensor bytes "
-        f"({checkpoint.tensor_bytes_total()}) nor the shard file sizes ({checkpoint.file_bytes_total()}); "
-        "the output counts tensor bytes"
+        f"({tensor_bytes}) nor the shard file sizes ({file_bytes}); the output counts tensor bytes"
     )
-    return "tensor-bytes"
+    return "recomputed"
 
 
 def _shard_plans(
@@ -391,5 +410,5 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions) -> Conversi
         skip.add(CONFIG_NAME)
     if plan.index_changed:
         skip.add(INDEX_NAME)
-    plan.untouched_files = [f for f in checkpoint_files(checkpoint.root) if f not in skip]
+    plan.untouched_files = [f for f in checkpoint.files() if f not in skip]
     return plan

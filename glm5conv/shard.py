@@ -73,6 +73,11 @@ class ShardHeader:
     file_size: int
 
     @property
+    def remote(self) -> bool:
+        """A placeholder for a shard that is not here (see open_checkpoint's remote_files)."""
+        return self.header_len < 0
+
+    @property
     def data_start(self) -> int:
         return 8 + self.header_len
 

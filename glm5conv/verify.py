@@ -73,8 +73,15 @@ def verify_checkpoint(path: Path, against: Path | None = None, engines: tuple[st
         return report
     manifest = read_manifest(path) if (path / "config.json").exists() else None
     report.add("state", True, _state(path, manifest, journal))
+    remote = None
+    if manifest is not None and manifest.get("overlay"):
+        from glm5conv.hub import overlay_files  # an overlay's other files are read from the Hub
+
+        if against is not None:
+            raise UsageError(f"{path}: an overlay; --against compares local files: verify a complete conversion")
+        remote = overlay_files(path, manifest)
     try:
-        checkpoint = open_checkpoint(path)
+        checkpoint = open_checkpoint(path, remote)
     except BadInputError as exc:
         report.add("structure", False, str(exc))
         return report
@@ -108,6 +115,10 @@ def _state(path: Path, manifest: dict[str, Any] | None, journal: dict[str, Any] 
     else:
         mode = manifest.get("mode", {})
         state = f"converted by glm5conv {manifest.get('version')} (to={mode.get('to')} scope={mode.get('scope')})"
+        if manifest.get("overlay") and manifest.get("source"):
+            kept = sum(1 for r in manifest["files"].values() if r.get("status") == "in-source-repo")
+            source = manifest["source"]
+            state += f"; an overlay: {kept} file(s) stay in {source.get('repo_id')}@{str(source.get('commit'))[:12]}"
     if journal is not None:
         state += "; the conversion was committed but its clean-up was interrupted (finish it by running convert again)"
     pending = read_journal(partial_dir(path))
@@ -121,6 +132,7 @@ def _check_total_size(report: VerifyReport, checkpoint: Checkpoint, manifest: di
         return
     stated = (checkpoint.index.get("metadata") or {}).get("total_size")
     conventions = {"tensor-bytes": checkpoint.tensor_bytes_total(), "file-size": checkpoint.file_bytes_total()}
+    conventions = {k: v for k, v in conventions.items() if v is not None}
     if manifest is not None and manifest.get("total_size_convention") in conventions:
         wanted = manifest["total_size_convention"]
         conventions = {wanted: conventions[wanted]}

@@ -503,6 +503,10 @@ def _write_files(plan: ConversionPlan, journal: _Journal, options: WriteOptions,
         progress.say(f"{'copying' if options.copy else 'linking'} {len(plan.untouched_files)} unchanged files")
         hashes: dict[str, Future[str | None]] = {}
         for name in plan.untouched_files:
+            remote = checkpoint.remote_files.get(name)
+            if remote is not None:  # an overlay: the file stays in the source repository
+                journal.files[name] = {"sha256": remote.sha256, "size": remote.size, "status": "in-source-repo"}
+                continue
             source = checkpoint.root / name
             _link_or_copy(source, tmp / name, options.copy)
             if journal.files.get(name, {}).get("sha256"):

@@ -39,3 +39,36 @@ def src(tmp_path: Path, bundled: Path) -> Path:
     path = tmp_path / "src"
     shutil.copytree(bundled, path)
     return path
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A local Hub (tests/fake_hub.py) that huggingface_hub talks to, in this process and in child processes.
+
+    huggingface_hub reads HF_ENDPOINT and friends once, at import: the in-process client is pointed
+    at the server through its constants; children get the environment variables.
+    """
+    import secrets
+
+    from huggingface_hub import constants
+
+    from tests.fake_hub import FakeHub
+
+    token = "hf_" + secrets.token_hex(16)
+    with FakeHub(tmp_path / "fake-hub", token) as server:
+        cache = tmp_path / "hf-cache"
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setenv("HF_TOKEN", token)
+        server.cache = cache
+        server.env = {
+            "HF_ENDPOINT": server.endpoint,
+            "HF_HUB_CACHE": str(cache),
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_TOKEN": token,
+        }
+        yield server

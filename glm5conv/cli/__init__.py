@@ -34,6 +34,7 @@ def _register() -> None:
         inspect_command,
         serve_command,
         sglang_patch_command,
+        upload_command,
         verify_command,
     )
 

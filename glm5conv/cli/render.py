@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -11,6 +12,7 @@ from rich.table import Table
 from glm5conv.convert import ConvertResult
 from glm5conv.engines import EngineVerdict
 from glm5conv.inspection import InspectReport, MtpTensor
+from glm5conv.upload import UploadPlan
 from glm5conv.verify import VerifyReport
 
 STATUS_STYLE = {"loads": "green", "loads-with-flags": "yellow", "fails": "red"}
@@ -125,9 +127,38 @@ def render_convert(result: ConvertResult, console: Console) -> None:
                 console.print(f"    {sign} {entry}" + (f" (x{count})" if count > 1 else ""), highlight=False)
         for old, new in plan.exclude_rewritten:
             console.print(f"    ~ {old} -> {new}")
+    if result.hub is not None:
+        _render_fetch(result.hub, result.status, console)
     print_verdicts(plan.verdicts_after, "Engines after conversion", console)
     for note in plan.notes:
         console.print(f"note: {note}")
+
+
+def _render_fetch(hub: dict[str, Any], status: str, console: Console) -> None:
+    verb = "to fetch" if status == "dry-run" else "fetched"
+    console.print(
+        f"  hub: {hub['repo_id']}@{hub['commit'][:12]} ({'overlay' if hub['overlay'] else 'complete copy'}); "
+        f"{verb} {len(hub['files_to_fetch'])} file(s), {_size(hub['bytes_to_fetch'])}; "
+        f"in the cache {_size(hub['bytes_cached'])}; left on the Hub {_size(hub['bytes_left_on_hub'])} "
+        f"of {_size(hub['repo_bytes'])}",
+        highlight=False,
+    )
+
+
+def render_upload(plan: UploadPlan, result: dict[str, Any] | None, console: Console) -> None:
+    head = "dry run (nothing sent)" if result is None else f"committed to {plan.repo_id}"
+    console.print(f"[bold]{head}[/]: {plan.commit_message()}", highlight=False)
+    for op in plan.ops:
+        how = "upload" if op.action == "upload" else "copy on the Hub from " + plan.source["repo_id"]
+        console.print(f"  {op.action:<6} {op.path} ({_size(op.size)}; {how})", highlight=False)
+    if plan.kept:
+        console.print(f"  {len(plan.kept)} other file(s) already in {plan.repo_id}: left as they are")
+    console.print(
+        f"  bytes to upload: {_size(plan.bytes_to_upload)}; copied on the Hub: {_size(plan.bytes_copied)}",
+        highlight=False,
+    )
+    if result is not None:
+        console.print(f"  commit {result['commit']}: {result['pr_url'] or result['commit_url']}", highlight=False)
 
 
 def render_verify(report: VerifyReport, console: Console) -> None:
