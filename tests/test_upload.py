@@ -149,6 +149,7 @@ def test_token_is_used_and_never_shown(hub, source: str, overlay: Path, tmp_path
         ["upload", overlay, "someone/else", "--private"],
     ):
         proc = run_cli_process(args, env={**hub.env, "HF_HUB_VERBOSITY": "debug"})
+        assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout + proc.stderr)
     hub.fail_commits = 1
     proc = run_cli_process(["upload", overlay, "me/other"], env=hub.env)
