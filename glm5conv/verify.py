@@ -122,7 +122,8 @@ def _state(path: Path, manifest: dict[str, Any] | None, journal: dict[str, Any] 
     if journal is not None:
         state += "; the conversion was committed but its clean-up was interrupted (finish it by running convert again)"
     pending = read_journal(partial_dir(path))
-    if pending is not None and pending.get("in_place"):
+    # a kill right after the partial folder was made leaves it without a journal: still a started run
+    if partial_dir(path).is_dir() and (pending is None or pending.get("in_place")):
         state += f"; an in-place conversion was interrupted before its commit: this is the state before it ({partial_dir(path)} holds the partial new one; rerun with --in-place --resume)"
     return state
 
