@@ -17,13 +17,16 @@ Usage: python scripts/make_tiny_checkpoint.py [--out glm5conv/bundled/tiny-glm5-
        [--bf16-out DIR] (also keep the unquantized bf16 source)
        python scripts/make_tiny_checkpoint.py --from-bf16 DIR --out glm5conv/bundled/tiny-glm5-trained
        (quantize an existing bf16 checkpoint, e.g. scripts/train_tiny_glm5.py's, with the same recipe;
-       its eh_proj scale stays next to the weight, as Quark writes it)
+       its eh_proj scale stays next to the weight, as Quark writes it. A single-file source is first
+       split at layer boundaries into --shards shards of about equal size, so that no bundled file
+       grows past a few MB; Quark keeps one output shard per input shard)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -125,6 +128,41 @@ def write_bf16_checkpoint(state: dict[str, torch.Tensor], out: Path, **overrides
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _layer_key(name: str) -> float:
+    """Storage order: embeddings, decoder layers by index (the MTP layer is the last), then norm and head."""
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        return int(parts[2])
+    return -1 if "embed_tokens" in name else math.inf
+
+
+def split_into_shards(src: Path, state: dict[str, torch.Tensor], out: Path, count: int) -> None:
+    """Re-save a single-file bf16 checkpoint as ``count`` shards cut at layer boundaries, with an index."""
+    groups: dict[int, list[str]] = {}
+    for name in state:
+        groups.setdefault(_layer_key(name), []).append(name)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for key in sorted(groups):
+        size = sum(state[n].numel() * state[n].element_size() for n in groups[key])
+        if shards[-1] and filled + size / 2 > total * len(shards) / count and len(shards) < count:
+            shards.append([])
+        shards[-1].extend(sorted(groups[key]))
+        filled += size
+    out.mkdir(parents=True)
+    weight_map = {}
+    for number, names in enumerate(shards, 1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: state[n].contiguous() for n in names}, out / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, filename))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for extra in src.iterdir():
+        if extra.is_file() and not extra.name.startswith("model.safetensors"):
+            shutil.copy2(extra, out / extra.name)
+
+
 def glm5_mxfp4_exclude(state: dict[str, torch.Tensor]) -> list[str]:
     """Every Linear except routed experts and eh_proj, by module name, as Quark writes it."""
     exclude = []
@@ -174,6 +212,7 @@ def main() -> None:
     parser.add_argument("--bf16-out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-bf16", type=Path, default=None)
+    parser.add_argument("--shards", type=int, default=3, help="--from-bf16 of a single file: shards to split it into")
     args = parser.parse_args()
 
     if args.from_bf16 is not None:
@@ -183,7 +222,12 @@ def main() -> None:
                 state.update({k: f.get_tensor(k) for k in f.keys()})
         if args.out.exists():
             shutil.rmtree(args.out)
-        quantize_with_quark(args.from_bf16, args.out, glm5_mxfp4_exclude(state))
+        with tempfile.TemporaryDirectory() as tmp:
+            source = args.from_bf16
+            if (source / "model.safetensors").exists() and args.shards > 1:
+                source = Path(tmp) / "sharded"
+                split_into_shards(args.from_bf16, state, source, args.shards)
+            quantize_with_quark(source, args.out, glm5_mxfp4_exclude(state))
         size = sum(p.stat().st_size for p in args.out.iterdir())
         print(f"wrote {args.out} ({size / 1e6:.2f} MB)")
         return

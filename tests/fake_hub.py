@@ -146,7 +146,7 @@ class FakeHub:
             protocol_version = "HTTP/1.1"
 
             def log_message(self, *args: Any) -> None:
-                pass
+                """Silent: tests read FakeHub.log instead."""
 
             # -- plumbing -------------------------------------------------------------
             def _entry(self) -> Logged:

@@ -57,7 +57,7 @@ class _Stub(metaclass=_StubMeta):
     """Anything SGLang's module imports that the draft's construction does not depend on."""
 
     def __init__(self, *args, **kwargs) -> None:
-        pass
+        """Takes any arguments and keeps none: nothing reads them back."""
 
     def __call__(self, *args, **kwargs):
         return _Stub()
@@ -164,7 +164,7 @@ def load_nextn(root: Path):
             return module
 
         def exec_module(self, module) -> None:
-            pass
+            """Nothing to run: the stub module answers every attribute by itself."""
 
     finder = Finder()
     sys.meta_path.insert(0, finder)

@@ -11,6 +11,7 @@ import torch
 
 from glm5conv import codec
 from glm5conv.bundled import bundled_path
+from glm5conv.checkpoint import open_checkpoint
 from glm5conv.convert import convert
 from glm5conv.plan import ConvertOptions
 from glm5conv.runtime import load_model
@@ -63,9 +64,10 @@ def test_broken_conversions_collapse_acceptance(tmp_path: Path, prompts, breakag
     weight = load_shard(out / shard)[0][EH]
     hidden = weight.shape[0]
     if breakage == "nibbles swapped":  # a converter that reads element 2k from the high nibble
-        source = load_shard(TRAINED / "model.safetensors")[0]
-        packed = source[EH]
-        broken = codec.decode(((packed >> 4) | (packed << 4)).to(torch.uint8), source[EH + "_scale"])
+        with open_checkpoint(TRAINED) as source:
+            packed = source.read_tensor(EH).view(torch.uint8)
+            scale = source.read_tensor(EH + "_scale").view(torch.uint8)
+        broken = codec.decode(((packed >> 4) | (packed << 4)).to(torch.uint8), scale)
     else:  # [hnorm(h), enorm(e)] instead of [enorm(e), hnorm(h)]
         broken = torch.cat([weight[:, hidden:], weight[:, :hidden]], dim=1)
     edit_shard(out, shard, **{EH.replace(".", "__"): broken.contiguous()})

@@ -135,7 +135,7 @@ STAND_IN = textwrap.dedent(
         def do_GET(self):
             self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
         def log_message(self, *a):
-            pass
+            "silent"
     time.sleep(0.5)
     http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
     """
